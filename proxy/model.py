@@ -1,0 +1,84 @@
+"""Value types shared by storages, the HTTP decision logic and the streaming engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """An inclusive byte range `start..end` of a representation."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a storage knows about one object before reading it."""
+
+    key: str
+    size: int
+    etag: str  # quoted entity tag as sent on the wire: '"abc"' or 'W/"abc"'
+    last_modified: int | None  # seconds since the epoch
+    content_type: str | None  # from the storage's own metadata, None when it has none
+    token: Any = None  # storage-private identity (disk: path and inode), opaque to callers
+
+
+class Body(Protocol):
+    """The bytes of one byte range, read in pieces; `close` is synchronous and idempotent."""
+
+    async def read(self, n: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class FileBody:
+    """A byte range of an open local file: read in pieces, or handed to `sendfile`."""
+
+    __slots__ = ("file", "offset", "remaining")
+
+    def __init__(self, file: Any, offset: int, length: int) -> None:
+        self.file = file  # a raw binary file object (unbuffered) owning its descriptor
+        self.offset = offset
+        self.remaining = length
+
+    async def read(self, n: int) -> bytes:
+        """Read up to `n` bytes of the range (page-cache reads; see storage/disk.py)."""
+        if self.remaining <= 0:
+            return b""
+        data = os.pread(self.file.fileno(), min(n, self.remaining), self.offset)
+        self.offset += len(data)
+        self.remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Storage(Protocol):
+    """A place objects are read from: a disk directory or an S3 bucket."""
+
+    name: str
+    kind: str
+    # True when stat/open never wait on the network (disk): a timeout cannot interrupt
+    # them anyway, so the first-byte timer is skipped on the hot path.
+    inline_io: bool
+
+    async def stat(self, key: str) -> ObjectMeta:
+        """Return the object's metadata; raise NotFound, StorageError or StorageTimeout."""
+        ...
+
+    async def open(self, meta: ObjectMeta, byte_range: ByteRange) -> Body:
+        """Open one byte range of the object `stat` described; raise ObjectChanged if it changed."""
+        ...
+
+    async def close(self) -> None:
+        """Release clients and pools."""
+        ...

@@ -1,0 +1,1 @@
+"""Resolvers turn a request path into a storage and a key."""

@@ -1,0 +1,58 @@
+"""Map a raw request path to (route, key) by prefix, confining the key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote
+
+from proxy.config import RouteConfig
+from proxy.errors import BadRequest, NotFound
+
+MAX_KEY_LENGTH: Final = 1024  # S3's own limit on key length
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A request path resolved to a route and the storage key it names."""
+
+    route: RouteConfig
+    key: str
+
+
+class PathResolver:
+    """First matching prefix wins (SPEC §2, `routes`)."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self._routes = tuple(routes)
+
+    def resolve(self, raw_path: str) -> Resolved:
+        """Resolve a raw (still percent-encoded) request target; raise NotFound or BadRequest."""
+        path = raw_path.split("?", 1)[0]
+        for route in self._routes:
+            if path.startswith(route.prefix):
+                return Resolved(route, confine_key(path[len(route.prefix) :]))
+        raise NotFound("no route")
+
+
+def confine_key(raw_key: str) -> str:
+    """Percent-decode once and refuse any key that could name something outside its root."""
+    try:
+        key = unquote(raw_key, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("key is not UTF-8") from None
+    if not key:
+        raise NotFound("empty key")
+    if len(key) > MAX_KEY_LENGTH:
+        raise BadRequest("key too long")
+    if key[0] == "/":
+        raise BadRequest("absolute key")
+    if not key.isprintable():  # NUL, other control and format characters
+        raise BadRequest("control character in key")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise BadRequest("empty, '.' or '..' segment in key")
+    return key

@@ -1,0 +1,1 @@
+"""Storages: where objects are read from (disk directories, S3 buckets)."""

@@ -1,0 +1,1 @@
+"""The HTTP layer: the media application and, later, the admin listener."""

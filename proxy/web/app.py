@@ -1,0 +1,122 @@
+"""Assemble the sidecar: storages, the media listener and the admin listener.
+
+The media listener is aiohttp's low-level `web.Server` with one handler: media
+routes are matched by prefix in `resolver.path`, so the Application/router layer
+would only add per-request cost (about a fifth of the small-file throughput).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import orjson
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.config import Config, DiskStorageConfig, StorageConfig
+from proxy.log import log_event
+from proxy.model import Storage
+from proxy.storage.disk import DiskStorage
+from proxy.storage.s3 import S3Storage
+from proxy.web.media import MediaHandler
+
+log = logging.getLogger("proxy.server")
+
+
+def build_storage(cfg: StorageConfig, config: Config) -> Storage:
+    """Instantiate one configured storage (not yet started)."""
+    if isinstance(cfg, DiskStorageConfig):
+        return DiskStorage(cfg)
+    return S3Storage(cfg, max_streams=config.limits.max_streams)
+
+
+class Sidecar:
+    """Storages and both listeners of one configuration; `start` then `stop`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.storages: dict[str, Storage] = {}
+        self.media_port = 0
+        self.admin_port = 0
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        """Open every storage, then bind both listeners; on failure release what was opened."""
+        cfg = self.cfg
+        try:
+            for name, scfg in cfg.storages.items():
+                storage = build_storage(scfg, cfg)
+                start = getattr(storage, "start", None)
+                if start is not None:
+                    await start()
+                self._stack.push_async_callback(storage.close)
+                self.storages[name] = storage
+                log_event(log, "storage.ready", storage=name, kind=storage.kind)
+            media = web.Server(
+                MediaHandler(cfg, self.storages),
+                access_log_class=JsonAccessLogger,
+                access_log=logging.getLogger("proxy.access") if cfg.logging.access_log else None,
+                keepalive_timeout=cfg.server.keepalive_timeout,  # AppRunner defaults to 3630 s
+                handler_cancellation=True,  # a vanished client cancels its handler at once
+            )
+            self.media_port = await self._listen(
+                web.ServerRunner(
+                    media, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout
+                ),
+                cfg.server.host,
+                cfg.server.port,
+                backlog=1024,
+            )
+            self.admin_port = await self._listen(
+                web.AppRunner(create_admin_app(cfg), handle_signals=False, access_log=None),
+                cfg.admin.host,
+                cfg.admin.port,
+                backlog=128,
+            )
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop the listeners (admin first), drain, then close the storages."""
+        await self._stack.aclose()
+        self.storages.clear()
+
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int, backlog: int) -> int:
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, host, port, backlog=backlog)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or ()
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+
+def create_admin_app(cfg: Config) -> web.Application:
+    """The admin listener (SPEC §5): liveness for now."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"status": "ok"}), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    return app
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One `http.request` event per request, with its request id (SPEC §6)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        log_event(
+            self.logger,
+            "http.request",
+            request_id=request.get("request_id"),
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            bytes=response.body_length,
+            duration_ms=round(time * 1000, 3),
+            client=request.remote,
+            range=request.headers.get("Range"),
+        )
