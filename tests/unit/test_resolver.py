@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from proxy.config import RouteConfig
 
+from proxy.config import RouteConfig
 from proxy.errors import BadRequest, NotFound
 from proxy.resolver.path import PathResolver, confine_key
 
