@@ -41,7 +41,8 @@ SIZE: Final = {"kind": "size"}
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
-    event_loop: str = field(default="uvloop", metadata={"choices": ("uvloop", "asyncio")})
+    # asyncio, not uvloop: only asyncio has loop.sendfile (zero-copy disk bodies; README)
+    event_loop: str = field(default="asyncio", metadata={"choices": ("asyncio", "uvloop")})
     keepalive_timeout: float = field(default=75.0, metadata=DURATION)
     shutdown_timeout: float = field(default=30.0, metadata=DURATION)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+# Per-request values are NamedTuples: immutable like frozen dataclasses, but built
+# several times faster, which shows on small-file throughput.
 
 
-@dataclass(frozen=True, slots=True)
-class ByteRange:
+class ByteRange(NamedTuple):
     """An inclusive byte range `start..end` of a representation."""
 
     start: int
@@ -19,8 +21,7 @@ class ByteRange:
         return self.end - self.start + 1
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectMeta:
+class ObjectMeta(NamedTuple):
     """What a storage knows about one object before reading it."""
 
     key: str
@@ -42,24 +43,35 @@ class Body(Protocol):
 class FileBody:
     """A byte range of an open local file: read in pieces, or handed to `sendfile`."""
 
-    __slots__ = ("file", "offset", "remaining")
+    __slots__ = ("_file", "fd", "offset", "remaining")
 
-    def __init__(self, file: Any, offset: int, length: int) -> None:
-        self.file = file  # a raw binary file object (unbuffered) owning its descriptor
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd  # owned: closed by close()
         self.offset = offset
         self.remaining = length
+        self._file: io.FileIO | None = None
+
+    @property
+    def file(self) -> io.FileIO:
+        """A file object over the descriptor, as loop.sendfile wants (made on first use)."""
+        if self._file is None:
+            self._file = io.FileIO(self.fd, "rb", closefd=False)
+        return self._file
 
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes of the range (page-cache reads; see storage/disk.py)."""
         if self.remaining <= 0:
             return b""
-        data = os.pread(self.file.fileno(), min(n, self.remaining), self.offset)
+        data = os.pread(self.fd, min(n, self.remaining), self.offset)
         self.offset += len(data)
         self.remaining -= len(data)
         return data
 
     def close(self) -> None:
-        self.file.close()
+        """Close the descriptor; safe to call twice."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 class Storage(Protocol):

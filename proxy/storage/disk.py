@@ -6,7 +6,6 @@ on page-cached media a stat or a read costs microseconds, far less than a thread
 
 from __future__ import annotations
 
-import io
 import os
 import stat as stat_mod
 from typing import Final
@@ -98,8 +97,7 @@ class DiskStorage:
         if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) != (dev, ino, mtime_ns, size):
             os.close(fd)
             raise ObjectChanged("file changed", storage=self.name, key=meta.key)
-        # Wraps the descriptor already opened above: no further blocking call here.
-        return FileBody(io.FileIO(fd, "rb"), byte_range.start, byte_range.length)
+        return FileBody(fd, byte_range.start, byte_range.length)
 
     async def close(self) -> None:
         """Nothing to release: files are closed by their bodies."""

@@ -41,7 +41,7 @@ def test_shipped_files_load(name: str) -> None:
 
 def test_defaults() -> None:
     cfg = parse_config(MINIMAL)
-    assert (cfg.server.host, cfg.server.port, cfg.server.event_loop) == ("0.0.0.0", 8080, "uvloop")
+    assert (cfg.server.host, cfg.server.port, cfg.server.event_loop) == ("0.0.0.0", 8080, "asyncio")
     assert (cfg.server.keepalive_timeout, cfg.server.shutdown_timeout) == (75.0, 30.0)
     assert (cfg.admin.host, cfg.admin.port, cfg.admin.token_env) == ("127.0.0.1", 9901, None)
     assert (cfg.limits.max_streams, cfg.limits.max_streams_per_client) == (1024, 0)
@@ -97,7 +97,7 @@ def test_s3_storage_fields() -> None:
         ),
         (
             with_(server={"event_loop": "trio"}),
-            "c.yaml: server.event_loop: expected one of uvloop, asyncio, got 'trio'",
+            "c.yaml: server.event_loop: expected one of asyncio, uvloop, got 'trio'",
         ),
         (
             with_(server={"keepalive_timeout": "soon"}),
