@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import calendar
+import datetime
 import email.utils
 import time
 from collections.abc import Mapping
@@ -90,10 +90,11 @@ def parse_http_date(value: str) -> int | None:
     parsed = email.utils.parsedate_tz(value.strip())
     if parsed is None:
         return None
-    try:
-        return calendar.timegm(parsed[:9]) - (parsed[9] or 0)
+    try:  # datetime() refuses impossible fields (day 99) that timegm would roll over
+        moment = datetime.datetime(*parsed[:6], tzinfo=datetime.UTC)
     except (OverflowError, ValueError):
         return None
+    return int(moment.timestamp()) - (parsed[9] or 0)
 
 
 def _date_header(headers: Mapping[str, str], name: str) -> int | None:
