@@ -171,6 +171,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def wrk(port: int, sc: Scenario, seconds: float) -> str:
     argv = ["wrk", "-t1", f"-c{sc.connections}", f"-d{max(1, round(seconds))}s", "--latency"]
+    argv += ["--timeout", "30s"]  # a 64 MiB body may take longer than wrk's default 2 s
     if sc.script:
         argv += ["-s", str(HERE / sc.script)]
     argv.append(f"http://127.0.0.1:{port}{sc.path}")
