@@ -6,6 +6,8 @@ import io
 import os
 from typing import Any, NamedTuple, Protocol
 
+from proxy.errors import StorageError
+
 # Per-request values are NamedTuples: immutable like frozen dataclasses, but built
 # several times faster, which shows on small-file throughput.
 
@@ -62,7 +64,10 @@ class FileBody:
         """Read up to `n` bytes of the range (page-cache reads; see storage/disk.py)."""
         if self.remaining <= 0:
             return b""
-        data = os.pread(self.fd, min(n, self.remaining), self.offset)
+        try:
+            data = os.pread(self.fd, min(n, self.remaining), self.offset)
+        except OSError as exc:  # EIO and friends: the storage failed, not the request
+            raise StorageError(f"read failed: {exc.strerror}") from exc
         self.offset += len(data)
         self.remaining -= len(data)
         return data

@@ -101,6 +101,8 @@ class S3Storage:
         """HEAD the object."""
         head = await self._call("head_object", key, Bucket=self._bucket, Key=self._prefix + key)
         content_type = head.get("ContentType") or ""
+        if not content_type.isprintable():  # never let metadata inject header lines
+            content_type = ""
         last_modified = head.get("LastModified")
         return ObjectMeta(
             key=key,

@@ -98,6 +98,9 @@ class MediaHandler:
                     reason=str(exc),
                 )
             return error_response(exc, rid, extra)
+        except Exception:  # a bug: log it here, answer small JSON, never a traceback
+            log.exception("request.crashed", extra={"request_id": rid})
+            return error_response(ProxyError("internal error"), rid)
 
     async def _serve(
         self, request: web.BaseRequest, resolved: Resolved, rid: str
@@ -126,9 +129,7 @@ class MediaHandler:
         ranges = decision.ranges if status == 206 else _whole(meta.size)
         timeouts = self._timeouts_for(ctype)
         if len(ranges) > 1:
-            return await self._multipart(
-                request, storage, meta, decision, ctype, headers, timeouts.idle
-            )
+            return await self._multipart(request, storage, meta, decision, ctype, headers, timeouts)
         if status == 206:
             headers["Content-Range"] = content_range(ranges[0], meta.size)
         headers["Content-Type"] = ctype
@@ -175,9 +176,9 @@ class MediaHandler:
         decision: Decision,
         ctype: str,
         headers: dict[str, str],
-        idle_s: float,
+        timeouts: EffectiveTimeouts,
     ) -> web.StreamResponse:
-        """RFC 9110 §14.6 multipart/byteranges, one storage read per part."""
+        """RFC 9110 §14.6 multipart/byteranges (GET only), one storage read per part."""
         boundary = secrets.token_hex(16)
         heads = [
             f"--{boundary}\r\nContent-Type: {ctype}\r\n"
@@ -189,10 +190,7 @@ class MediaHandler:
         headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
         resp = web.StreamResponse(status=206, headers=headers)
         resp.content_length = total + len(tail)
-        if request.method == "HEAD":
-            await resp.prepare(request)
-            return resp
-        first_byte_s = self._cfg.timeouts.upstream_first_byte
+        first_byte_s = timeouts.upstream_first_byte
         # The first part is opened before the headers go out, so its failure is still a 5xx.
         body: Body | None = await _timed(
             storage, storage.open(meta, decision.ranges[0]), first_byte_s
@@ -203,7 +201,7 @@ class MediaHandler:
                 if body is None:
                     body = await _timed(storage, storage.open(meta, r), first_byte_s)
                 await resp.write(head)
-                if not await _stream(request, resp, body, r.length, self._chunk, idle_s):
+                if not await _stream(request, resp, body, r.length, self._chunk, timeouts.idle):
                     return resp
                 await resp.write(b"\r\n")
                 body.close()
@@ -272,14 +270,14 @@ async def _stream(
     except TimeoutError:
         _abort(request, resp)
         log_event(log, "stream.timed_out", logging.WARNING, request_id=request["request_id"])
-    except ProxyError as exc:
+    except (ProxyError, OSError) as exc:  # storage failure mid-body (sendfile can raise EIO)
         _abort(request, resp)
         log_event(
             log,
             "stream.failed",
             logging.WARNING,
             request_id=request["request_id"],
-            error=exc.code,
+            error=getattr(exc, "code", "storage_error"),
             reason=str(exc),
         )
     return False
