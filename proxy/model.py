@@ -96,6 +96,10 @@ class Storage(Protocol):
         """Open one byte range of the object `stat` described; raise ObjectChanged if it changed."""
         ...
 
+    async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
+        """Read a small byte range whole (at most `limits.chunk_size` bytes)."""
+        ...
+
     async def close(self) -> None:
         """Release clients and pools."""
         ...

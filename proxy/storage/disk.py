@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat as stat_mod
+from collections import OrderedDict
 from typing import Final
 
 from proxy.config import DiskStorageConfig
@@ -15,6 +16,7 @@ from proxy.errors import NotFound, ObjectChanged, StorageError
 from proxy.model import ByteRange, FileBody, ObjectMeta
 
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+FD_CACHE_SIZE: Final = 256  # like nginx's open_file_cache, bounded; holds small files only
 
 
 class DiskStorage:
@@ -31,6 +33,9 @@ class DiskStorage:
         self.root = root
         self._root_prefix = root.rstrip(os.sep) + os.sep
         self._open_flags = _OPEN_FLAGS
+        # Small files served whole: path -> (fd, (dev, ino, mtime_ns, size)), LRU order.
+        # A hit costs lstat + pread instead of lstat + open + fstat + pread + close.
+        self._fds: OrderedDict[str, tuple[int, tuple[int, int, int, int]]] = OrderedDict()
 
     async def stat(self, key: str) -> ObjectMeta:
         """Return the metadata of the regular file `key` (confined; symlinks resolved)."""
@@ -79,6 +84,40 @@ class DiskStorage:
 
     async def open(self, meta: ObjectMeta, byte_range: ByteRange) -> FileBody:
         """Open the file `stat` described; ObjectChanged if it was replaced or modified since."""
+        return FileBody(self._open_verified(meta), byte_range.start, byte_range.length)
+
+    async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
+        """Read a small range whole, from a cached descriptor when the file is unchanged.
+
+        Synchronous from lookup to pread, so a cached descriptor is never in use across
+        an await and eviction may close it at once. Streamed bodies never use the cache:
+        they own their descriptor and close it when the stream ends (SPEC §4).
+        """
+        identity = meta.token[1:]
+        cached = self._fds.get(meta.token[0])
+        if cached is not None and cached[1] == identity:
+            fd = cached[0]
+            self._fds.move_to_end(meta.token[0])
+        else:
+            fd = self._open_verified(meta)
+            self._remember(meta.token[0], fd, identity)
+        try:
+            data = os.pread(fd, byte_range.length, byte_range.start)
+        except OSError as exc:
+            raise StorageError(f"read failed: {exc.strerror}", storage=self.name) from exc
+        if len(data) != byte_range.length:
+            raise ObjectChanged("file shrank", storage=self.name, key=meta.key)
+        return data
+
+    def _remember(self, path: str, fd: int, identity: tuple[int, int, int, int]) -> None:
+        old = self._fds.pop(path, None)
+        if old is not None:
+            os.close(old[0])
+        self._fds[path] = (fd, identity)
+        if len(self._fds) > FD_CACHE_SIZE:
+            os.close(self._fds.popitem(last=False)[1][0])
+
+    def _open_verified(self, meta: ObjectMeta) -> int:
         path, dev, ino, mtime_ns, size = meta.token
         try:
             fd = os.open(path, self._open_flags)
@@ -97,10 +136,16 @@ class DiskStorage:
         if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) != (dev, ino, mtime_ns, size):
             os.close(fd)
             raise ObjectChanged("file changed", storage=self.name, key=meta.key)
-        return FileBody(fd, byte_range.start, byte_range.length)
+        return fd
+
+    def cached_descriptors(self) -> int:
+        """Descriptors held by the small-file cache (at most FD_CACHE_SIZE)."""
+        return len(self._fds)
 
     async def close(self) -> None:
-        """Nothing to release: files are closed by their bodies."""
+        """Close the cached descriptors; streamed bodies close their own."""
+        while self._fds:
+            os.close(self._fds.popitem()[1][0])
 
 
 def _etag(st: os.stat_result) -> str:

@@ -19,7 +19,6 @@ from proxy.errors import (
     MethodNotAllowed,
     ObjectChanged,
     ProxyError,
-    StorageError,
     StorageTimeout,
 )
 from proxy.log import log_event
@@ -138,11 +137,12 @@ class MediaHandler:
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
 
-        body = await _timed(storage, storage.open(meta, ranges[0]), timeouts.upstream_first_byte)
+        first_byte_s = timeouts.upstream_first_byte
+        if length <= self._chunk:  # small: one read, one write carries headers and bytes
+            data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
+            return web.Response(status=status, headers=headers, body=data)
+        body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
         try:
-            if length <= self._chunk:  # small: one write carries headers and bytes
-                data = await _read_all(body, length)
-                return web.Response(status=status, headers=headers, body=data)
             resp = web.StreamResponse(status=status, headers=headers)
             resp.content_length = length
             await resp.prepare(request)  # inside the handler, under our timeouts (P4)
@@ -235,21 +235,6 @@ async def _timed(storage: Storage, aw: Awaitable[T], timeout_s: float) -> T:
             return await aw
     except TimeoutError:
         raise StorageTimeout("storage did not answer in time", storage=storage.name) from None
-
-
-async def _read_all(body: Body, length: int) -> bytes:
-    data = await body.read(length)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        chunk = await body.read(length - got)
-        if not chunk:
-            raise StorageError(f"body ended after {got} of {length} bytes")
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
 
 
 async def _stream(
