@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-import email.utils
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,25 +12,28 @@ from typing import Final
 from proxy.model import ByteRange, ObjectMeta
 from proxy.ranges import RangeOutcome, parse_range
 
-_WEEKDAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS: Final = (
-    "Jan",
-    "Feb",
-    "Mar",
-    "Apr",
-    "May",
-    "Jun",
-    "Jul",
-    "Aug",
-    "Sep",
-    "Oct",
-    "Nov",
-    "Dec",
-)
+_WEEKDAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # time.gmtime's tm_wday
+_MONTHS: Final = tuple("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split())
+_MONTH_NUMBER: Final = {name: i for i, name in enumerate(_MONTHS, 1)}
+_DAY: Final = "(?:" + "|".join(_WEEKDAYS) + ")"
+_DAY_L: Final = "(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MON: Final = "(" + "|".join(_MONTHS) + ")"
+_TIME: Final = "([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# §5.6.7: HTTP-date is case-sensitive; weekday names are checked, not matched to the date.
+_IMF_FIXDATE: Final = re.compile(f"{_DAY}, ([0-9]{{2}}) {_MON} ([0-9]{{4}}) {_TIME} GMT")
+_RFC850_DATE: Final = re.compile(f"{_DAY_L}, ([0-9]{{2}})-{_MON}-([0-9]{{2}}) {_TIME} GMT")
+_ASCTIME_DATE: Final = re.compile(f"{_DAY} {_MON} ([0-9]{{2}}| [0-9]) {_TIME} ([0-9]{{4}})")
+# §8.8.3: entity-tag = [ W/ ] DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text.
+# Any non-ASCII character stands in for obs-text (aiohttp decodes it with surrogateescape).
+_ENTITY_TAG: Final = re.compile(r'(?:W/)?"[^\x00-\x20"\x7f]*"')
+_EPOCH_ORDINAL: Final = datetime.date(1970, 1, 1).toordinal()
+_OWS: Final = " \t"
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """The status to answer with and, for a 206, the ranges to send."""
+
     status: int  # 200, 206, 304, 412 or 416
     ranges: tuple[ByteRange, ...] = ()  # for 206: one or more (more → multipart/byteranges)
 
@@ -42,33 +45,35 @@ UNSATISFIABLE: Final = Decision(416)
 
 
 def decide(method: str, meta: ObjectMeta, headers: Mapping[str, str]) -> Decision:
-    """Evaluate If-Match, If-Unmodified-Since, If-None-Match, If-Modified-Since, If-Range, Range."""
-    if_match = headers.get("If-Match")
-    if if_match is not None:  # step 1
+    """Evaluate preconditions, If-Range and Range in RFC 9110 §13.2.2 order."""
+    get_or_head = method in ("GET", "HEAD")
+    if_match = _field(headers, "If-Match")
+    if if_match is not None:  # step 1: §13.1.1, strong comparison
         if not _matches(if_match, meta.etag, strong=True):
             return PRECONDITION_FAILED
-    else:
-        since = _date_header(headers, "If-Unmodified-Since")  # step 2
+    else:  # step 2: §13.1.4, only without If-Match
+        since = _date_field(headers, "If-Unmodified-Since")
+        # Judgement call (SPEC): with no Last-Modified the condition cannot be shown true → 412;
+        # §13.1.4 would also allow ignoring the field.
         if since is not None and (meta.last_modified is None or meta.last_modified > since):
             return PRECONDITION_FAILED
-    get_or_head = method in ("GET", "HEAD")
-    if_none_match = headers.get("If-None-Match")
-    if if_none_match is not None:  # step 3
+    if_none_match = _field(headers, "If-None-Match")
+    if if_none_match is not None:  # step 3: §13.1.2, weak comparison
         if _matches(if_none_match, meta.etag, strong=False):
             return NOT_MODIFIED if get_or_head else PRECONDITION_FAILED
-    elif get_or_head:
-        since = _date_header(headers, "If-Modified-Since")  # step 4
+    elif get_or_head:  # step 4: §13.1.3, only without If-None-Match, only GET/HEAD
+        since = _date_field(headers, "If-Modified-Since")
         if since is not None and meta.last_modified is not None and meta.last_modified <= since:
             return NOT_MODIFIED
-    if method != "GET":  # §14.2: range handling is defined for GET only
+    if method != "GET":  # §14.2: Range is ignored for methods other than GET (HEAD too)
         return OK
-    range_header = headers.get("Range")
-    if range_header is None:
+    range_field = _field(headers, "Range")
+    if range_field is None:
         return OK
-    if_range = headers.get("If-Range")  # step 5
-    if if_range is not None and not _if_range_holds(if_range.strip(), meta):
+    if_range = _field(headers, "If-Range")  # step 5: §13.1.5, only together with Range
+    if if_range is not None and not _if_range_holds(if_range.strip(_OWS), meta):
         return OK
-    request = parse_range(range_header, meta.size)
+    request = parse_range(range_field, meta.size)
     if request.outcome is RangeOutcome.PARTIAL:
         return Decision(206, request.ranges)
     if request.outcome is RangeOutcome.UNSATISFIABLE:
@@ -86,78 +91,109 @@ def http_date(epoch_s: int) -> str:
 
 
 def parse_http_date(value: str) -> int | None:
-    """Parse IMF-fixdate, RFC 850 and asctime dates (§5.6.7); None when invalid."""
-    parsed = email.utils.parsedate_tz(value.strip())
-    if parsed is None:
-        return None
-    try:  # datetime() refuses impossible fields (day 99) that timegm would roll over
-        moment = datetime.datetime(*parsed[:6], tzinfo=datetime.UTC)
-    except (OverflowError, ValueError):
-        return None
-    return int(moment.timestamp()) - (parsed[9] or 0)
+    """Parse an IMF-fixdate, RFC 850 or asctime date (§5.6.7) to epoch seconds; None if invalid."""
+    value = value.strip(_OWS)
+    if m := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hh, mm, ss = m.groups()
+        return _epoch(int(year), _MONTH_NUMBER[month], int(day), int(hh), int(mm), int(ss))
+    if m := _RFC850_DATE.fullmatch(value):
+        day, month, yy, hh, mm, ss = m.groups()
+        # §5.6.7: a two-digit year more than 50 years in the future means the most recent
+        # past year with those digits. The current year is read per call: nothing goes stale.
+        this_year = time.gmtime().tm_year
+        year = this_year - this_year % 100 + int(yy)
+        if year > this_year + 50:
+            year -= 100
+        elif year + 100 <= this_year + 50:
+            year += 100
+        return _epoch(year, _MONTH_NUMBER[month], int(day), int(hh), int(mm), int(ss))
+    if m := _ASCTIME_DATE.fullmatch(value):
+        month, day, hh, mm, ss, year = m.groups()
+        return _epoch(int(year), _MONTH_NUMBER[month], int(day), int(hh), int(mm), int(ss))
+    return None  # includes a list of dates (§13.1.3, §13.1.4: ignore such a field)
 
 
-def _date_header(headers: Mapping[str, str], name: str) -> int | None:
+def _epoch(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int | None:
+    """Convert UTC fields to epoch seconds; None for impossible ones (day 31 of April)."""
+    if hour > 23 or minute > 59 or second > 60:  # §5.6.7 allows 60 for a leap second
+        return None
+    try:
+        days = datetime.date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    except ValueError:  # also year 0000
+        return None
+    return days * 86400 + hour * 3600 + minute * 60 + second
+
+
+def _field(headers: Mapping[str, str], name: str) -> str | None:
+    """Return a field's value, its field lines combined into one list as in §5.3."""
     value = headers.get(name)
+    if value is None:
+        return None
+    getall = getattr(headers, "getall", None)  # a multidict keeps repeated lines apart
+    if getall is not None:
+        values: list[str] = getall(name)
+        if len(values) > 1:  # a list of dates, If-Ranges or ranges that way becomes invalid
+            return ", ".join(values)
+    return value
+
+
+def _date_field(headers: Mapping[str, str], name: str) -> int | None:
+    """Return a date field as epoch seconds; None when absent or invalid (and so ignored)."""
+    value = _field(headers, name)
     return parse_http_date(value) if value is not None else None
 
 
 def _if_range_holds(value: str, meta: ObjectMeta) -> bool:
     """§13.1.5: an entity tag must match strongly; a date must equal Last-Modified exactly."""
-    if value.startswith(('"', "W/")):
-        return not value.startswith("W/") and _opaque(value) == _strong_opaque(meta.etag)
+    if _ENTITY_TAG.fullmatch(value):
+        # A weak tag on either side never matches strongly (§8.8.3.2); `value` is a valid
+        # tag, so equality also rules out a malformed current tag.
+        return not value.startswith("W/") and value == meta.etag
     date = parse_http_date(value)
-    return date is not None and meta.last_modified is not None and date == meta.last_modified
+    # Neither a tag nor a date → condition false → the Range is ignored (200).
+    return date is not None and date == meta.last_modified
 
 
 def _matches(field: str, etag: str, *, strong: bool) -> bool:
-    """Compare an If-Match/If-None-Match list with the current tag (§8.8.3.2)."""
-    if field.strip() == "*":
+    """Compare an If-Match/If-None-Match field with the current tag (§8.8.3.2)."""
+    field = field.strip(_OWS)
+    if field == "*":  # the resource has a current representation: we are serving one
         return True
-    current = _strong_opaque(etag) if strong else _opaque(etag)
-    if current is None:
-        return False
-    for tag in _split_tags(field):
-        if strong and tag.startswith("W/"):
-            continue
-        if _opaque(tag) == current:
+    weak_current = etag.startswith("W/")
+    if (strong and weak_current) or not _ENTITY_TAG.fullmatch(etag):
+        return False  # a malformed current tag matches nothing
+    if field == etag:  # fast path: the single tag a client stored from our ETag
+        return True
+    opaque = etag[2:] if weak_current else etag
+    for element in _elements(field):
+        if not _ENTITY_TAG.fullmatch(element):
+            continue  # an unparseable element matches nothing
+        if element.startswith("W/"):
+            if strong:
+                continue
+            element = element[2:]
+        if element == opaque:
             return True
     return False
 
 
-def _opaque(tag: str) -> str | None:
-    """The quoted part of a tag, weak prefix dropped; None when malformed."""
-    tag = tag[2:] if tag.startswith("W/") else tag
-    if len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"' and '"' not in tag[1:-1]:
-        return tag
-    return None
-
-
-def _strong_opaque(tag: str) -> str | None:
-    return None if tag.startswith("W/") else _opaque(tag)
-
-
-def _split_tags(field: str) -> list[str]:
-    """Split a list of entity tags; commas may appear inside quotes (etagc allows them)."""
-    tags: list[str] = []
-    i, n = 0, len(field)
-    while i < n:
-        while i < n and field[i] in " \t,":
-            i += 1
-        if i >= n:
-            break
-        start = i
-        if field.startswith("W/", i):
-            i += 2
-        if i < n and field[i] == '"':
-            end = field.find('"', i + 1)
-            if end < 0:
-                tags.append(field[start:])
-                break
-            i = end + 1
-            tags.append(field[start:i])
-        else:
-            while i < n and field[i] not in ",":
-                i += 1
-            tags.append(field[start:i].strip())
-    return tags
+def _elements(field: str) -> list[str]:
+    """Split a #list of entity tags; commas inside quotes belong to the tag (etagc allows them)."""
+    elements: list[str] = []
+    start = i = 0
+    while True:
+        comma = field.find(",", i)
+        quote = field.find('"', i)
+        if quote >= 0 and (comma < 0 or quote < comma):
+            close = field.find('"', quote + 1)
+            if close >= 0:
+                i = close + 1
+                continue
+            comma = -1  # unterminated quote: the rest is one (malformed) element
+        end = len(field) if comma < 0 else comma
+        element = field[start:end].strip(_OWS)
+        if element:  # §5.6.1: empty elements are ignored
+            elements.append(element)
+        if comma < 0:
+            return elements
+        start = i = comma + 1
