@@ -97,6 +97,11 @@ class MediaHandler:
                     reason=str(exc),
                 )
             return error_response(exc, rid, extra)
+        except ConnectionError:  # the client left before headers went out: not our failure
+            log_event(log, "stream.client_disconnected", request_id=rid, stage="headers")
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=499)  # never sent; names the outcome for the access log
         except Exception:  # a bug: log it here, answer small JSON, never a traceback
             log.exception("request.crashed", extra={"request_id": rid})
             return error_response(ProxyError("internal error"), rid)
