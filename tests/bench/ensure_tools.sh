@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Install the benchmark's reference server and load generator (Debian packages) when missing.
+# Install the benchmark's reference server (nginx-light) and load generator (wrk) from
+# Debian when missing; a no-op when both are on PATH.
 set -euo pipefail
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
 fi
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+echo "ensure_tools: installing ${missing[*]}" >&2
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"

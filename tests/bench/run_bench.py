@@ -1,18 +1,20 @@
-"""`make bench`: the same files through nginx and through the sidecar, one after the other.
+"""`make bench`: the same files through nginx and through the sidecar, one server at a time.
 
-Each server runs alone on CPU 0, wrk on CPU 1, traffic on 127.0.0.1 only. For every
-scenario it reports requests/s, MiB/s, the sidecar/nginx ratio and the server's
-CPU-seconds per GiB served (read from /proc, so a wrk-bound run still shows the cost).
-Every process started here is stopped by its PID.
+The server runs alone on CPU 0 and wrk on CPU 1 (taskset), traffic on 127.0.0.1 only.
+Per scenario: requests/s, MiB/s, latency p50/p99, the ratio to nginx and the server's
+CPU-seconds per GiB served (utime + stime of its process tree from /proc). Every process
+started here is stopped by its PID; the temporary directory is removed unless --keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -20,44 +22,80 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
+MIB, GIB = 1 << 20, 1 << 30
 FILES = {"4k.bin": 4 << 10, "256k.bin": 256 << 10, "4m.bin": 4 << 20, "64m.bin": 64 << 20}
+SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}  # wrk: 1024
+TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+LOOPS = "uvloop,asyncio"
+Proc = subprocess.Popen[bytes]
+
+
+class BenchError(Exception):
+    """A server that would not start or died, or a wrk run that failed."""
 
 
 @dataclass(frozen=True)
 class Scenario:
+    key: str
     name: str
-    path: str
-    body_bytes: int  # bytes of one response body
-    connections: int
+    file: str
+    body_bytes: int  # body bytes of one 2xx response
     script: str | None = None
+
+    def connections(self, override: int | None) -> int:
+        return override or (8 if FILES[self.file] >= 4 * MIB else 16)
 
 
 SCENARIOS = [
-    Scenario("4 KiB", "/media/4k.bin", 4 << 10, 16),
-    Scenario("256 KiB", "/media/256k.bin", 256 << 10, 16),
-    Scenario("4 MiB", "/media/4m.bin", 4 << 20, 8),
-    Scenario("64 MiB", "/media/64m.bin", 64 << 20, 8),
-    Scenario("1 MiB ranges of 64 MiB", "/media/64m.bin", 1 << 20, 8, "range_mix.lua"),
+    Scenario("4k", "4 KiB", "4k.bin", FILES["4k.bin"]),
+    Scenario("256k", "256 KiB", "256k.bin", FILES["256k.bin"]),
+    Scenario("4m", "4 MiB", "4m.bin", FILES["4m.bin"]),
+    Scenario("64m", "64 MiB", "64m.bin", FILES["64m.bin"]),
+    Scenario("range", "1 MiB ranges of 64 MiB", "64m.bin", MIB, "range_mix.lua"),
 ]
 
 
 @dataclass
-class Result:
+class Run:
     server: str
     scenario: str
-    requests_per_s: float
+    connections: int
+    seconds: float  # wrk's measured duration
+    requests: int
+    requests_per_s: float  # wrk's Requests/sec
+    wrk_bytes_read: int  # wrk's "Y MB read": headers included, 3 significant digits
+    wrk_transfer_mib_s: float  # wrk's Transfer/sec
     mib_per_s: float
+    mib_source: str  # "requests x body" (exact) or "wrk bytes read" (invalid runs)
     p50_ms: float
     p99_ms: float
-    cpu_s_per_gib: float
+    non_2xx: int
+    socket_errors: str
+    problems: str  # empty for a valid run
+    cpu_s: float
+    wall_s: float
     cpu_percent: float
-    errors: str
+    cpu_s_per_gib: float
+    wrk_cpu_percent: float
+    other_cpu_percent: float  # busy CPU of everything but server and wrk: noise if high
+    wrk_output: str
+
+    def detail(self) -> list[str]:
+        bad = f"**INVALID: {self.problems}**" if self.problems else "ok"
+        return (
+            f"{self.server}|{self.scenario}|{self.connections}|{self.requests_per_s:,.0f}|"
+            f"{self.mib_per_s:,.0f}|{self.p50_ms:.2f}|{self.p99_ms:.2f}|{self.cpu_percent:.0f}|"
+            f"{self.cpu_s_per_gib:.2f}|{self.wrk_cpu_percent:.0f}|{self.other_cpu_percent:.0f}|{bad}"
+        ).split("|")
 
 
 def free_port() -> int:
@@ -66,253 +104,376 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") else argv
+def pinning() -> tuple[bool, str]:
+    if not shutil.which("taskset"):
+        return False, "taskset not found: NOT pinned, server and wrk share the CPUs"
+    if not {0, 1} <= os.sched_getaffinity(0):
+        return False, "CPUs 0 and 1 are not both usable: NOT pinned"
+    return True, "server on CPU 0, wrk on CPU 1 (taskset)"
 
 
 def process_tree(pid: int) -> list[int]:
-    """The pid and its descendants (nginx workers)."""
+    """The pid and its descendants (nginx workers, any sidecar children)."""
     pids, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        pids.append(p)
+        pids.append(p := todo.pop())
         try:
             for task in os.listdir(f"/proc/{p}/task"):
-                todo += [
-                    int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()
-                ]
+                todo += map(int, Path(f"/proc/{p}/task/{task}/children").read_text().split())
         except OSError:
             pass
     return pids
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    try:  # fields after "(comm)": [0] state, [11] utime, [12] stime, [19] starttime
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
-    total = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            pass
-    return total / TICKS
+    stats = [f for f in map(stat_fields, process_tree(pid)) if f]
+    return sum(int(f[11]) + int(f[12]) for f in stats) / TICKS
 
 
-def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+def busy_seconds() -> float:
+    """CPU-seconds the whole machine spent busy: /proc/stat user..steal minus idle, iowait."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICKS
+
+
+def children_seconds() -> float:
+    """CPU-seconds of this script's finished children (wrk runs)."""
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """wrk's summary as Run fields."""
+    summary = re.search(r"(\d+) requests in ([\d.]+)(\w+), ([\d.]+)(\w+) read", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    tps = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    if not (summary and rps and tps):
+        raise BenchError(f"could not parse wrk output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    got = {
+        "requests": int(summary[1]),
+        "seconds": float(summary[2]) * TIME_UNITS[summary[3]],
+        "wrk_bytes_read": int(float(summary[4]) * SIZE_UNITS[summary[5]]),
+        "requests_per_s": float(rps[1]),
+        "wrk_transfer_mib_s": float(tps[1]) * SIZE_UNITS[tps[2]] / MIB,
+        "non_2xx": int(non_2xx[1]) if non_2xx else 0,
+        "socket_errors": sock[1].strip() if sock else "",
+        "wrk_output": out,
+    }
+    for pct in (50, 99):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(\w+)", out, re.M)
+        got[f"p{pct}_ms"] = float(m[1]) * TIME_UNITS[m[2]] * 1000 if m else float("nan")
+    return got
+
+
+def log_summary(text: str) -> str:
+    """Line count and the most frequent lines; JSON log records as level, event, exception."""
+    lines, seen = text.splitlines(), Counter[str]()
+    for line in lines:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(f"GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
-                if s.recv(12).startswith(b"HTTP/1.1 200"):
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and "event" in rec:
+            why = str(rec.get("exc") or rec.get("reason") or "").strip().splitlines()[-1:]
+            line = f"{rec.get('level')} {rec['event']} {''.join(why)}"
+        seen[line[:200]] += 1
+    return f"{len(lines)} lines: " + "; ".join(f"{n}x {k}" for k, n in seen.most_common(5))
+
+
+class Bench:
+    def __init__(self, work: Path, duration: int, connections: int | None, pin: bool) -> None:
+        self.work, self.duration, self.connections, self.pin = work, duration, connections, pin
+        self.started: list[Proc] = []
+        self.failures: list[str] = []
+        self.logs: dict[str, str] = {}  # server -> summary of what it wrote (warnings, errors)
+
+    def pinned(self, cpu: int, argv: list[str]) -> list[str]:
+        return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
+
+    def make_media(self) -> None:
+        (self.work / "media").mkdir()
+        for name, size in FILES.items():
+            (self.work / "media" / name).write_bytes(os.urandom(size))
+            (self.work / "media" / name).read_bytes()  # warm the page cache
+
+    def launch(self, name: str, argv: list[str], port: int) -> tuple[Proc, Path]:
+        log = self.work / f"{name}.log"
+        with log.open("ab") as out:  # append: nginx's error_log shares the file
+            argv = self.pinned(0, argv)
+            proc = subprocess.Popen(
+                argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        self.started.append(proc)
+        try:
+            self.wait_ready(name, port, proc, log)
+        except BenchError:
+            self.stop(proc)
+            raise
+        return proc, log
+
+    def wait_ready(self, name: str, port: int, proc: Proc, log: Path) -> None:
+        """GET /media/4k.bin until it answers 200 with the right bytes (30 s)."""
+        expected, last = (self.work / "media" / "4k.bin").read_bytes(), "no answer"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/media/4k.bin")
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status == 200 and body == expected:
                     return
-        except OSError:
+                last = f"HTTP {resp.status}: {body[:200]!r}"
+            except (OSError, http.client.HTTPException) as exc:
+                last = repr(exc)
+            finally:
+                conn.close()
             time.sleep(0.1)
-    sys.exit(f"server did not become ready:\n{log.read_text(errors='replace')[-2000:]}")
+        if proc.poll() is not None:
+            last = f"exited with status {proc.returncode}"
+        tail = log.read_text(errors="replace")[-3000:]
+        raise BenchError(f"{name} not ready on 127.0.0.1:{port} ({last}); output tail:\n{tail}")
 
-
-def start_nginx(work: Path, port: int) -> subprocess.Popen[bytes]:
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = work / "nginx.conf"
-    conf.write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
+    def start_nginx(self, port: int) -> tuple[Proc, Path]:
+        w = self.work
+        (w / "tmp").mkdir(exist_ok=True)
+        (w / "nginx.conf").write_text(f"""{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 1; daemon off; master_process on;
+pid {w}/nginx.pid; error_log {w}/nginx.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    sendfile on; tcp_nopush on; access_log off; keepalive_requests 1000000;
+    sendfile on; tcp_nopush on; access_log off; keepalive_requests 100000;
     default_type application/octet-stream;
-    client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp;
-    uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
-    server {{
-        listen 127.0.0.1:{port};
-        location /media/ {{ alias {work}/media/; }}
-    }}
+    client_body_temp_path {w}/tmp/body; proxy_temp_path {w}/tmp/proxy;
+    fastcgi_temp_path {w}/tmp/fastcgi; uwsgi_temp_path {w}/tmp/uwsgi; scgi_temp_path {w}/tmp/scgi;
+    server {{ listen 127.0.0.1:{port}; location /media/ {{ alias {w}/media/; }} }}
 }}
 """)
-    (work / "tmp").mkdir(exist_ok=True)
-    log = work / "nginx.out"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(pinned(0, ["nginx", "-p", str(work), "-c", str(conf)]),
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    wait_ready(port, "/media/4k.bin", proc, log)
-    return proc
+        argv = ["nginx", "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "nginx.log")]
+        return self.launch("nginx", argv, port)
 
-
-def start_sidecar(work: Path, port: int, loop: str) -> subprocess.Popen[bytes]:
-    conf = work / f"sidecar-{loop}.yaml"
-    conf.write_text(f"""
-server: {{host: 127.0.0.1, port: {port}, event_loop: {loop}}}
+    def start_sidecar(self, port: int, loop: str) -> tuple[Proc, Path]:
+        conf = self.work / f"sidecar-{loop}.yaml"
+        conf.write_text(f"""server: {{host: 127.0.0.1, port: {port}, event_loop: {loop}}}
 admin: {{host: 127.0.0.1, port: {free_port()}}}
-storages: {{bench: {{type: disk, root: "{work}/media"}}}}
+storages: {{bench: {{type: disk, root: "{self.work}/media"}}}}
 routes: [{{prefix: /media/, storage: bench}}]
 logging: {{level: warning, access_log: false}}
 """)
-    log = work / f"sidecar-{loop}.out"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(pinned(0, [sys.executable, "-m", "proxy", "--config", str(conf)]),
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    wait_ready(port, "/media/4k.bin", proc, log)
-    return proc
+        argv = [sys.executable, "-m", "proxy", "--config", str(conf)]
+        return self.launch(f"sidecar-{loop}", argv, port)
 
+    def stop(self, proc: Proc) -> None:
+        """terminate, wait, kill; then any orphaned descendant that is still the same process."""
+        tree = [(p, f[19]) for p in process_tree(proc.pid)[1:] if (f := stat_fields(p))]
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(15)
+        for pid, start in tree:
+            if (f := stat_fields(pid)) and f[19] == start and f[0] != "Z":
+                os.kill(pid, signal.SIGKILL)
+        self.started.remove(proc)
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM if proc.args[-1] != "nginx.conf" else signal.SIGQUIT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
+    def wrk(self, port: int, sc: Scenario, seconds: int) -> str:
+        argv = ["wrk", "-t1", f"-c{sc.connections(self.connections)}", f"-d{seconds}s"]
+        argv += ["--latency", "--timeout", "30s"]  # a 64 MiB body can outlast the default 2 s
+        argv += ["-s", str(HERE / sc.script)] if sc.script else []
+        argv.append(f"http://127.0.0.1:{port}/media/{sc.file}")
+        env = dict(os.environ, BENCH_SIZE=str(FILES[sc.file]))
+        argv, limit = self.pinned(1, argv), seconds + 90
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=limit)
+        if done.returncode != 0:
+            raise BenchError(f"wrk exited with {done.returncode}: {done.stderr or done.stdout}")
+        return done.stdout
 
-
-def wrk(port: int, sc: Scenario, seconds: float) -> str:
-    argv = ["wrk", "-t1", f"-c{sc.connections}", f"-d{max(1, round(seconds))}s", "--latency"]
-    argv += ["--timeout", "30s"]  # a 64 MiB body may take longer than wrk's default 2 s
-    if sc.script:
-        argv += ["-s", str(HERE / sc.script)]
-    argv.append(f"http://127.0.0.1:{port}{sc.path}")
-    env = dict(os.environ, BENCH_SIZE=str(FILES["64m.bin"]))
-    out = subprocess.run(
-        pinned(1, argv), capture_output=True, text=True, env=env, timeout=seconds + 60
-    )
-    return out.stdout + out.stderr
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
-    if m is None:
-        return float("nan")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[m.group(2)]
-
-
-def measure(server: str, pid: int, port: int, sc: Scenario, seconds: float) -> Result:
-    wrk(port, sc, 1)  # warm-up: page cache, connection setup, lazy imports
-    cpu0, t0 = cpu_seconds(pid), time.monotonic()
-    out = wrk(port, sc, seconds)
-    cpu, wall = cpu_seconds(pid) - cpu0, time.monotonic() - t0
-    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
-    if not done:
-        sys.exit(f"could not parse wrk output:\n{out}")
-    requests = int(done.group(1))
-    span = float(done.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[done.group(3)]
-    served = requests * sc.body_bytes  # exact: every 2xx carries this many body bytes
-    errors = []
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors.append(f"{m.group(1)} non-2xx")
-    if m := re.search(r"Socket errors: (.*)", out):
-        errors.append(m.group(1).strip())
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
-    return Result(
-        server=server,
-        scenario=sc.name,
-        requests_per_s=requests / span,
-        mib_per_s=served / span / (1 << 20),
-        p50_ms=_ms(p50.group(1)) if p50 else 0.0,
-        p99_ms=_ms(p99.group(1)) if p99 else 0.0,
-        cpu_s_per_gib=cpu / (served / (1 << 30)) if served else 0.0,
-        cpu_percent=100 * cpu / wall,
-        errors="; ".join(errors),
-    )
-
-
-def table(results: list[Result], servers: list[str], scenarios: list[Scenario]) -> str:
-    by = {(r.server, r.scenario): r for r in results}
-    head = ["scenario", "nginx req/s", "nginx MiB/s", "nginx CPU-s/GiB"]
-    others = [s for s in servers if s != "nginx"]
-    for s in others:
-        head += [f"{s} req/s", f"{s} MiB/s", f"{s} ratio", f"{s} CPU-s/GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for sc in scenarios:
-        ref = by.get(("nginx", sc.name))
-        row = [sc.name]
-        row += (
-            [f"{ref.requests_per_s:,.0f}", f"{ref.mib_per_s:,.0f}", f"{ref.cpu_s_per_gib:.2f}"]
-            if ref
-            else ["-"] * 3
+    def measure(self, server: str, proc: Proc, port: int, sc: Scenario) -> Run:
+        self.wrk(port, sc, 1)  # warm-up: connections, page cache, lazy imports
+        before = cpu_seconds(proc.pid), children_seconds(), busy_seconds(), time.monotonic()
+        out = self.wrk(port, sc, self.duration)
+        after = cpu_seconds(proc.pid), children_seconds(), busy_seconds(), time.monotonic()
+        cpu, wrk_cpu, busy, wall = (a - b for a, b in zip(after, before, strict=True))
+        if proc.poll() is not None:
+            raise BenchError(f"{server} exited with {proc.returncode} during {sc.name}")
+        w, conns = parse_wrk(out), sc.connections(self.connections)
+        exact, read = w["requests"] * sc.body_bytes, w["wrk_bytes_read"]
+        problems = [f"{w['non_2xx']} non-2xx"] if w["non_2xx"] else []
+        problems += [f"socket errors: {w['socket_errors']}"] if w["socket_errors"] else []
+        # wrk's bytes: + headers (< 2 KiB each), + bodies in flight at the end, +- 0.5 % rounding;
+        # a server answering a Range request with the whole file shows up here
+        high = (w["requests"] + conns) * (sc.body_bytes + 2048) * 1.01
+        if not problems and not exact * 0.99 <= read <= high:
+            problems.append(f"wrk read {read} B, expected ~{exact} B")
+        served = read if problems else exact
+        return Run(
+            server=server,
+            scenario=sc.name,
+            connections=conns,
+            mib_per_s=served / w["seconds"] / MIB,
+            mib_source="wrk bytes read" if problems else "requests x body",
+            problems="; ".join(problems),
+            cpu_s=cpu,
+            wall_s=wall,
+            cpu_percent=100 * cpu / wall,
+            cpu_s_per_gib=cpu / (served / GIB) if served else float("nan"),
+            wrk_cpu_percent=100 * wrk_cpu / wall,
+            other_cpu_percent=100 * max(0.0, busy - cpu - wrk_cpu) / wall,
+            **w,
         )
-        for s in others:
-            r = by.get((s, sc.name))
-            if r is None:
-                row += ["-"] * 4
-                continue
-            ratio = f"{r.requests_per_s / ref.requests_per_s:.2f}x" if ref else "-"
-            row += [
-                f"{r.requests_per_s:,.0f}",
-                f"{r.mib_per_s:,.0f}",
-                ratio,
-                f"{r.cpu_s_per_gib:.2f}",
-            ]
-        lines.append("| " + " | ".join(row) + " |")
-    bad = [f"{r.server} / {r.scenario}: {r.errors}" for r in results if r.errors]
-    if bad:
-        lines += ["", "**INVALID RUNS (errors):** " + "; ".join(bad)]
-    return "\n".join(lines)
 
-
-def machine() -> str:
-    def version(argv: list[str]) -> str:
+    def run_server(self, server: str, scenarios: list[Scenario]) -> Iterator[Run]:
+        port = free_port()
+        if server == "nginx":
+            proc, log = self.start_nginx(port)
+        else:
+            proc, log = self.start_sidecar(port, server.removeprefix("sidecar(")[:-1])
         try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (out.stdout + out.stderr).strip().splitlines()[0]
-        except (OSError, IndexError):
+            for sc in scenarios:
+                run = self.measure(server, proc, port, sc)
+                print(" | ".join(run.detail()), flush=True)
+                yield run
+        finally:
+            self.stop(proc)
+            if text := log.read_text(errors="replace").strip():
+                self.logs[server] = log_summary(text)
+                print(f"--- {server} output: {self.logs[server]}", flush=True)
+
+
+def md(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
+
+
+def cells(r: Run | None, ref: Run | None, with_ratio: bool) -> list[str]:
+    if r is None:
+        return ["-"] * (4 if with_ratio else 3)
+    out = [f"{r.requests_per_s:,.0f}" + (" **INVALID**" if r.problems else "")]
+    out.append(f"{r.mib_per_s:,.0f}" + ("~" if r.problems else ""))
+    if with_ratio:
+        out.append(f"{r.mib_per_s / ref.mib_per_s:.2f}x" if ref else "-")
+    return [*out, f"{r.cpu_s_per_gib:.2f}"]
+
+
+def report(facts: dict[str, str], runs: list[Run], servers: list[str], bench: Bench) -> str:
+    by = {(r.server, r.scenario): r for r in runs}
+    head = ["scenario"]
+    for s in servers:
+        head += [f"{s} req/s", f"{s} MiB/s", *([f"{s} ratio"] if s != "nginx" else [])]
+        head.append(f"{s} CPU-s/GiB")
+    rows = []
+    for sc in [sc.name for sc in SCENARIOS if any(r.scenario == sc.name for r in runs)]:
+        rows.append([sc])
+        for s in servers:
+            rows[-1] += cells(by.get((s, sc)), by.get(("nginx", sc)), with_ratio=s != "nginx")
+    dhead = "server|scenario|conns|req/s|MiB/s|p50 ms|p99 ms|CPU %|CPU-s/GiB"
+    dhead += "|wrk CPU %|other CPU %|errors"
+    lines = [*(f"- {k}: {v}" for k, v in facts.items()), "", *md(head, rows), ""]
+    lines.append("ratio = MiB/s / nginx's. MiB/s = 2xx requests x body size / wrk's duration")
+    lines.append("(exact); `~` = wrk's bytes read (with headers), used when a run had errors.")
+    lines += ["", *md(dhead.split("|"), [r.detail() for r in runs])]
+    if noisy := [r for r in runs if r.other_cpu_percent > 10]:
+        worst = max(r.other_cpu_percent for r in noisy)
+        lines += ["", f"**NOISY:** other processes used up to {worst:.0f} % CPU during"]
+        lines[-1] += f" {len(noisy)} run(s) (column `other CPU %`): compare with care."
+    if bad := [f"- {r.server} / {r.scenario}: {r.problems}" for r in runs if r.problems]:
+        lines += ["", "**INVALID RUNS (non-2xx, socket errors or wrong sizes):**", *bad]
+    if bench.failures:
+        lines += ["", "**FAILED SERVERS:**", *(f"- {f}" for f in bench.failures)]
+    if bench.logs:
+        lines += ["", "Server output (warnings and errors):"]
+        lines += [f"- {server}: {text}" for server, text in bench.logs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def machine_facts(pin_note: str) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
             return "unknown"
 
-    return (
-        f"{os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"{version(['nginx', '-v'])}, {version(['wrk', '-v'])}"
-    )
+    return {
+        "nproc": f"{len(os.sched_getaffinity(0))} usable of {os.cpu_count()}",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "nginx": first_line(["nginx", "-v"]),
+        "wrk": first_line(["wrk", "-v"]),
+        "pinning": pin_note,
+    }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    ap.add_argument("--servers", default="nginx,sidecar")
-    ap.add_argument("--loops", default="uvloop,asyncio", help="sidecar event loops to run")
-    ap.add_argument("--scenarios", default="", help="comma list of scenario names (default all)")
+def parse_args() -> argparse.Namespace:
+    keys = ",".join(s.key for s in SCENARIOS)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=int, default=10, help="seconds per measured run")
+    ap.add_argument("--connections", type=int, help="default 16 (files < 4 MiB), else 8")
+    ap.add_argument("--servers", default="nginx,sidecar", help="comma list of nginx,sidecar")
+    ap.add_argument("--loops", default=LOOPS, help="sidecar event loops (comma list)")
+    ap.add_argument("--scenarios", default=keys, help=f"comma list of {keys}")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
-    scenarios = [s for s in SCENARIOS if not args.scenarios or s.name in args.scenarios.split(",")]
-    servers = ["nginx"] if "nginx" in args.servers else []
-    if "sidecar" in args.servers:
-        servers += [f"sidecar-{loop}" for loop in args.loops.split(",")]
+    for name, allowed in [("servers", "nginx,sidecar"), ("loops", LOOPS), ("scenarios", keys)]:
+        if bad := set(getattr(args, name).split(",")) - set(allowed.split(",")):
+            ap.error(f"--{name}: unknown {', '.join(sorted(bad))} (choose from {allowed})")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    scenarios = [s for s in SCENARIOS if s.key in args.scenarios.split(",")]
+    servers = ["nginx"] if "nginx" in args.servers.split(",") else []
+    if "sidecar" in args.servers.split(","):
+        servers += [f"sidecar({loop})" for loop in args.loops.split(",")]
+    pin, pin_note = pinning()
+    facts = machine_facts(pin_note)
+    print(*(f"{k}: {v}" for k, v in facts.items()), sep="\n", flush=True)
     work = Path(tempfile.mkdtemp(prefix="media-bench-"))
-    results: list[Result] = []
-    print(machine(), flush=True)
+    bench = Bench(work, args.duration, args.connections, pin)
+    runs: list[Run] = []
     try:
-        (work / "media").mkdir()
-        for name, size in FILES.items():
-            (work / "media" / name).write_bytes(os.urandom(size))
+        bench.make_media()
         for server in servers:
-            port = free_port()
-            if server == "nginx":
-                proc = start_nginx(work, port)
-            else:
-                proc = start_sidecar(work, port, server.removeprefix("sidecar-"))
             try:
-                for sc in scenarios:
-                    r = measure(server, proc.pid, port, sc, args.duration)
-                    results.append(r)
-                    print(f"{server:16} {sc.name:24} {r.requests_per_s:>10,.0f} req/s "
-                          f"{r.mib_per_s:>8,.0f} MiB/s  CPU {r.cpu_percent:3.0f}%  "
-                          f"{r.cpu_s_per_gib:.2f} CPU-s/GiB {r.errors}", flush=True)  # fmt: skip
-            finally:
-                stop(proc)
+                for run in bench.run_server(server, scenarios):
+                    runs.append(run)
+            except BenchError as exc:
+                bench.failures.append(f"{server}: {str(exc).splitlines()[0]}")
+                print(f"\n*** {server} FAILED: {exc}\n", file=sys.stderr, flush=True)
     finally:
-        if not args.keep:
+        for proc in list(bench.started):
+            bench.stop(proc)
+        if args.keep:
+            print(f"kept {work}")
+        else:
             shutil.rmtree(work, ignore_errors=True)
-    report = f"{machine()}\n\n{table(results, servers, scenarios)}\n"
-    print("\n" + report)
-    out_dir = REPO / "bench-results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out_dir / f"bench-{stamp}.md").write_text(report)
-    (out_dir / f"bench-{stamp}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    text = report(facts, runs, servers, bench)
+    print("\n" + text)
+    out = REPO / "bench-results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.parent.mkdir(exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    raw = {
+        "machine": facts,
+        "args": vars(args),
+        "runs": [asdict(r) for r in runs],
+        "failures": bench.failures,
+        "server_output": bench.logs,
+    }
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"written: {out.relative_to(REPO)}.md and .json")
+    return 1 if bench.failures or any(r.problems for r in runs) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
