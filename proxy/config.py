@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -17,128 +18,135 @@ import yaml
 
 from proxy.errors import ConfigError
 
-_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION: Final = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)\s*$")
+_SIZE: Final = re.compile(r"\s*(-?\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)\s*")
 _SIZE_UNITS: Final = {
-    "B": 1,
-    "KiB": 1 << 10,
-    "MiB": 1 << 20,
-    "GiB": 1 << 30,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
+    **{"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30},
+    **{"KB": 10**3, "MB": 10**6, "GB": 10**9},
 }
-_ENV_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_STORAGE_NAME: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
 
-# Field kinds beyond plain Python types, declared in dataclass metadata.
-DURATION: Final = {"kind": "duration"}
-SIZE: Final = {"kind": "size"}
+# Field rules, read by the walker from dataclass metadata.
+_PORT: Final = {"min": 0, "max": 65535}  # 0 = any free port (README; tests and benchmarks)
+_STORAGE_KEYS: Final = {
+    "keys": (re.compile(r"[A-Za-z0-9_-]+"), "storage names use letters, digits, '-' and '_'"),
+    "nonempty": "at least one storage is required",
+}
+_BY_TYPE_KEYS: Final = {"keys": (re.compile(r".+", re.S), "expected a Content-Type prefix")}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
+    """The media listener."""
+
     host: str = "0.0.0.0"
-    port: int = 8080
-    # asyncio, not uvloop: only asyncio has loop.sendfile (zero-copy disk bodies; README)
+    port: int = field(default=8080, metadata=_PORT)
+    # asyncio by default: only its loop has sendfile (zero-copy disk bodies; README "Event loop")
     event_loop: str = field(default="asyncio", metadata={"choices": ("asyncio", "uvloop")})
-    keepalive_timeout: float = field(default=75.0, metadata=DURATION)
-    shutdown_timeout: float = field(default=30.0, metadata=DURATION)
+    keepalive_timeout: float = 75.0
+    shutdown_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdminConfig:
+    """The admin listener (health, stats)."""
+
     host: str = "127.0.0.1"
-    port: int = 9901
-    token_env: str | None = field(default=None, metadata={"kind": "env"})
+    port: int = field(default=9901, metadata=_PORT)
+    token_env: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
+    """Admission and read-size limits."""
+
     max_streams: int = field(default=1024, metadata={"min": 1})
     max_streams_per_client: int = field(default=0, metadata={"min": 0})
     chunk_size: int = field(
-        default=64 * 1024, metadata={"kind": "size", "min": 4096, "max": 16 << 20}
+        default=64 << 10, metadata={"size": True, "min": 4 << 10, "max": 16 << 20}
     )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeoutOverride:
-    idle: float | None = field(default=None, metadata=DURATION)
-    upstream_first_byte: float | None = field(default=None, metadata=DURATION)
-    max_duration: float | None = field(default=None, metadata=DURATION)
+    """Per-Content-Type overrides; None falls back to the top-level value."""
+
+    idle: float | None = None
+    upstream_first_byte: float | None = None
+    max_duration: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EffectiveTimeouts:
+    """The timeouts that apply to one response, in seconds (0 = unlimited)."""
+
     idle: float
     upstream_first_byte: float
-    max_duration: float  # 0 = unlimited
+    max_duration: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TimeoutsConfig:
-    idle: float = field(default=30.0, metadata=DURATION)
-    upstream_first_byte: float = field(default=10.0, metadata=DURATION)
-    max_duration: float = field(default=0.0, metadata=DURATION)
-    by_type: Mapping[str, TimeoutOverride] = field(default_factory=dict)
+    """Stream timeouts in seconds, with overrides by Content-Type prefix."""
+
+    idle: float = 30.0
+    upstream_first_byte: float = 10.0
+    max_duration: float = 0.0
+    by_type: Mapping[str, TimeoutOverride] = field(
+        default_factory=lambda: types.MappingProxyType({}), metadata=_BY_TYPE_KEYS
+    )
 
     def for_content_type(self, content_type: str | None) -> EffectiveTimeouts:
         """Apply the longest `by_type` prefix the content type starts with (case-insensitive)."""
         ctype = (content_type or "").lower()
-        best: TimeoutOverride | None = None
-        best_len = -1
-        for prefix, override in self.by_type.items():
-            if ctype.startswith(prefix.lower()) and len(prefix) > best_len:
-                best, best_len = override, len(prefix)
-        if best is None:
-            return EffectiveTimeouts(
-                idle=self.idle,
-                upstream_first_byte=self.upstream_first_byte,
-                max_duration=self.max_duration,
-            )
+        matches = [p for p in self.by_type if ctype.startswith(p.lower())]
+        o = self.by_type[max(matches, key=len)] if matches else TimeoutOverride()
         return EffectiveTimeouts(
-            idle=self.idle if best.idle is None else best.idle,
+            idle=self.idle if o.idle is None else o.idle,
             upstream_first_byte=(
-                self.upstream_first_byte
-                if best.upstream_first_byte is None
-                else best.upstream_first_byte
+                self.upstream_first_byte if o.upstream_first_byte is None else o.upstream_first_byte
             ),
-            max_duration=self.max_duration if best.max_duration is None else best.max_duration,
+            max_duration=self.max_duration if o.max_duration is None else o.max_duration,
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DiskStorageConfig:
+    """Files below `root` (absolute, resolved against the working directory at load)."""
+
     name: str = field(metadata={"internal": True})
-    type: str = "disk"
     root: Path
+    type: str = "disk"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class S3StorageConfig:
+    """Objects of one bucket below `prefix`; credentials named by the `*_env` keys."""
+
     name: str = field(metadata={"internal": True})
-    type: str = "s3"
     bucket: str
+    type: str = "s3"
     prefix: str = ""
     endpoint_url: str | None = None
     region: str = "us-east-1"
     addressing_style: str = field(default="auto", metadata={"choices": ("auto", "path", "virtual")})
-    access_key_id_env: str | None = field(default=None, metadata={"kind": "env"})
-    secret_access_key_env: str | None = field(default=None, metadata={"kind": "env"})
-    session_token_env: str | None = field(default=None, metadata={"kind": "env"})
-    connect_timeout: float = field(default=3.0, metadata=DURATION)
-    read_timeout: float = field(default=15.0, metadata=DURATION)
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    session_token_env: str | None = None
+    connect_timeout: float = field(default=3.0, metadata={"positive": True})
+    read_timeout: float = field(default=15.0, metadata={"positive": True})
     max_attempts: int = field(default=3, metadata={"min": 1})
 
 
-StorageConfig = DiskStorageConfig | S3StorageConfig
-_STORAGE_TYPES: Final[dict[str, type[Any]]] = {"disk": DiskStorageConfig, "s3": S3StorageConfig}
+StorageConfig = DiskStorageConfig | S3StorageConfig  # chosen by the required `type` key
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
+    """Requests under `prefix` are keys of `storage`."""
+
     prefix: str
     storage: str
     cache_control: str | None = None
@@ -146,6 +154,8 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoggingConfig:
+    """Log level, line format and the access log switch."""
+
     level: str = field(default="info", metadata={"choices": ("debug", "info", "warning", "error")})
     format: str = field(default="json", metadata={"choices": ("json", "text")})
     access_log: bool = True
@@ -153,43 +163,41 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
+    """The whole validated file; `source` names it in messages."""
+
     source: str = field(metadata={"internal": True})
     server: ServerConfig = field(default_factory=ServerConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    storages: Mapping[str, StorageConfig]
-    routes: tuple[RouteConfig, ...]
+    storages: Mapping[str, StorageConfig] = field(metadata=_STORAGE_KEYS)
+    routes: tuple[RouteConfig, ...] = field(metadata={"nonempty": "at least one route is required"})
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like `250ms`, `30s`, `5m`, `1h`."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 30s, got {value!r}")
-    if isinstance(value, int | float):
+    """Return seconds from a number or a string like `250ms`, `1.5s`, `5m`, `1h`."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
+        seconds = float(m[1]) * _DURATION_UNITS[m[2]]
     else:
-        raise ValueError(f"expected a duration like 250ms, 30s, 5m or 1h, got {value!r}")
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"expected a duration >= 0, got {value!r}")
+        raise ValueError(f"expected a duration like 250ms, 30s, 5m or 1h, got {_show(value)}")
+    if not 0 <= seconds < float("inf"):  # also rejects NaN
+        raise ValueError(f"expected a duration >= 0, got {_show(value)}")
     return seconds
 
 
 def parse_size(value: object) -> int:
-    """Bytes from an integer or a string like `64KiB`, `8MiB`."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like 64KiB, got {value!r}")
-    if isinstance(value, int):
+    """Return bytes from an integer or a string like `512B`, `64KiB`, `8MiB`, `1GB`."""
+    if isinstance(value, int) and not isinstance(value, bool):
         size = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        size = int(m[1]) * _SIZE_UNITS[m[2]]
     else:
-        raise ValueError(f"expected a size like 64KiB or 8MiB, got {value!r}")
+        raise ValueError(f"expected a size like 64KiB or 8MiB, got {_show(value)}")
     if size < 0:
-        raise ValueError(f"expected a size >= 0, got {value!r}")
+        raise ValueError(f"expected a size >= 0, got {_show(value)}")
     return size
 
 
@@ -201,232 +209,246 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(source, [("", f"cannot read file: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
-        raise ConfigError(source, [("", "cannot read file: not UTF-8")]) from None
+        raise ConfigError(source, [("", "cannot read file: not UTF-8 text")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(top level)"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [(where, f"invalid YAML: {problem}")]) from None
     return parse_config(data, source)
 
 
 def parse_config(data: object, source: str = "<config>") -> Config:
-    """Validate a YAML-shaped mapping; raise ConfigError listing every problem."""
-    problems: list[tuple[str, str]] = []
-    if not isinstance(data, dict):
-        raise ConfigError(source, [("(top level)", "expected a mapping of sections")])
+    """Validate a YAML-shaped mapping; raise ConfigError listing every problem in order."""
+    if data is None:
+        raise ConfigError(source, [("(top level)", "expected a mapping, the file is empty")])
+    declared = data.get("storages") if isinstance(data, dict) else None
+    problems = _Problems(sorted(map(str, declared)) if isinstance(declared, dict) else [])
     cfg = _build(Config, data, "", problems, {"source": source})
-    if cfg is not None:
-        declared = data.get("storages")
-        _check_references(cfg, set(declared) if isinstance(declared, dict) else set(), problems)
-    if problems or cfg is None:
+    if problems or not isinstance(cfg, Config):
         raise ConfigError(source, problems)
-    return typing.cast(Config, cfg)
+    return cfg
+
+
+class _Problems(list[tuple[str, str]]):
+    """(path, reason) pairs in document order, and what checks across mappings need."""
+
+    def __init__(self, storages: list[str]) -> None:
+        super().__init__()
+        self.storages = storages  # every name under `storages:`, valid or not
+        self.prefixes: list[tuple[str, str]] = []  # (route path, prefix) seen so far
+
+    def add(self, path: str, reason: str) -> None:
+        """Record one problem."""
+        self.append((path, reason))
+
+
+_INVALID: Final[Any] = object()
+
+
+def _build(
+    cls: Any,
+    data: object,
+    path: str,
+    problems: _Problems,
+    internal: Mapping[str, Any] | None = None,
+) -> Any:
+    """Build dataclass `cls` (or the member of a union its `type` key picks) from a mapping."""
+    if not isinstance(data, dict):
+        problems.add(path or "(top level)", f"expected a mapping, got {_show(data)}")
+        return _INVALID
+    if isinstance(cls, types.UnionType):
+        kinds = {str(_fields(m)["type"][0].default): m for m in typing.get_args(cls)}
+        kind = data.get("type")
+        if (cls := kinds.get(kind) if isinstance(kind, str) else None) is None:
+            reason = f"expected one of {', '.join(kinds)}, got {_show(kind)}"
+            problems.add(_join(path, "type"), reason if "type" in data else "required key missing")
+            return _INVALID
+    fields = _fields(cls)
+    values = {k: v for k, v in (internal or {}).items() if k in fields}
+    for key, raw in data.items():
+        f, hint = fields.get(key, (None, None)) if isinstance(key, str) else (None, None)
+        if f is None or f.metadata.get("internal"):
+            known = [n for n, (g, _) in fields.items() if not g.metadata.get("internal")]
+            close = difflib.get_close_matches(str(key), known, n=1)
+            did_you_mean = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.add(_join(path, key), f"unknown key{did_you_mean}")
+        elif (value := _convert(hint, f, raw, _join(path, key), problems)) is not _INVALID:
+            values[key] = value
+    required = [n for n, (f, _) in fields.items() if _is_required(f)]
+    if check := _CHECKS.get(cls):
+        check(values, data, path, problems)
+    for name in required:
+        if name not in data:
+            problems.add(_join(path, name), "required key missing")
+    return cls(**values) if all(n in values for n in required) else _INVALID
+
+
+def _convert(
+    hint: Any, f: dataclasses.Field[Any], raw: object, path: str, problems: _Problems
+) -> Any:
+    """Convert one YAML value to the field's type, then apply the field's metadata rules."""
+    if type(None) in typing.get_args(hint):
+        if raw is None:
+            return None
+        (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+    meta, origin, args = f.metadata, typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) or isinstance(hint, types.UnionType):
+        return _build(hint, raw, path, problems)
+    if origin is tuple or origin is Mapping:
+        if not isinstance(raw, list if origin is tuple else dict):
+            problems.add(path, f"expected {_show([] if origin is tuple else {})}, got {_show(raw)}")
+            return _INVALID
+        if not raw and "nonempty" in meta:
+            problems.add(path, meta["nonempty"])
+        if isinstance(raw, list):
+            return tuple(_build(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(raw))
+        pattern, rule = meta["keys"]
+        built = {}
+        for key, body in raw.items():
+            if not isinstance(key, str) or not pattern.fullmatch(key):
+                problems.add(_join(path, key), f"{rule}, got {_show(key)}")
+            built[key] = _build(args[1], body, _join(path, key), problems, {"name": key})
+        return types.MappingProxyType(built)
+    try:
+        value = _parse_scalar(hint, f.name, meta, raw)
+    except ValueError as exc:
+        problems.add(path, str(exc))
+        return _INVALID
+    return value
+
+
+def _parse_scalar(hint: Any, name: str, meta: Mapping[str, Any], raw: object) -> Any:
+    """Parse a leaf value by its type (float = duration) and check choices and bounds."""
+    if hint is float:
+        value: Any = parse_duration(raw)
+    elif meta.get("size"):
+        value = parse_size(raw)
+    else:
+        accepts, expected = _SCALARS["_env" if name.endswith("_env") else hint]
+        if not accepts(raw):
+            raise ValueError(f"expected {expected}, got {_show(raw)}")
+        value = Path(typing.cast(str, raw)).absolute() if hint is Path else raw
+    show = _show_size if meta.get("size") else str
+    lo, hi = meta.get("min"), meta.get("max")
+    if "choices" in meta and value not in meta["choices"]:
+        reason = f"expected one of {', '.join(meta['choices'])}"
+    elif lo is not None and hi is not None and not lo <= value <= hi:
+        reason = f"must be between {show(lo)} and {show(hi)}"
+    elif lo is not None and value < lo:
+        reason = f"must be at least {show(lo)}"
+    elif meta.get("positive") and value <= 0:
+        reason = "must be greater than 0"
+    else:
+        return value
+    raise ValueError(f"{reason}, got {_show(raw)}")
+
+
+_SCALARS: Final[dict[Any, tuple[Callable[[object], bool], str]]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    Path: (lambda v: isinstance(v, str) and v != "", "a path"),
+    # `*_env` keys only name a variable: it is read when a storage starts, never here
+    "_env": (
+        lambda v: isinstance(v, str) and bool(_ENV_NAME.fullmatch(v)),
+        "an environment variable name",
+    ),
+}
+
+
+def _check_s3(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
+    """Check an S3 storage: bucket, prefix shape, endpoint scheme, credential names."""
+    if v.get("bucket") == "":
+        problems.add(_join(path, "bucket"), "must not be empty")
+    prefix = v.get("prefix", "")
+    if prefix.startswith("/"):
+        problems.add(_join(path, "prefix"), f"must not start with '/', got {prefix!r}")
+    elif prefix and not prefix.endswith("/"):
+        problems.add(_join(path, "prefix"), f"must end with '/', e.g. 'uploads/', got {prefix!r}")
+    url = v.get("endpoint_url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        problems.add(
+            _join(path, "endpoint_url"), f"must start with http:// or https://, got {url!r}"
+        )
+    pair = ("access_key_id_env", "secret_access_key_env")
+    for have, lack in (pair, pair[::-1]):
+        if data.get(have) is not None and data.get(lack) is None:
+            problems.add(_join(path, lack), f"required when {have} is set (both or neither)")
+    if data.get("session_token_env") is not None and all(data.get(k) is None for k in pair):
+        problems.add(_join(path, "session_token_env"), f"requires {pair[0]} and {pair[1]}")
+
+
+def _check_route(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
+    """Check a route: prefix shape, prefixes taken before it (first match wins), storage."""
+    prefix, reason = v.get("prefix"), ""
+    if prefix is not None and not (prefix.startswith("/") and prefix.endswith("/")):
+        reason = f"must start and end with '/', e.g. '/media/', got {prefix!r}"
+    elif prefix is not None:
+        for where, taken in problems.prefixes:
+            if prefix == taken:
+                reason = f"duplicate prefix {prefix!r} (first in {where})"
+            elif prefix.startswith(taken) and not reason:
+                reason = f"never matched: {where} prefix {taken!r} comes first"
+        problems.prefixes.append((path, prefix))
+    if reason:
+        problems.add(_join(path, "prefix"), reason)
+    storage = v.get("storage")
+    if storage is not None and storage not in problems.storages:
+        defined = ", ".join(problems.storages) or "none"
+        problems.add(_join(path, "storage"), f"unknown storage {storage!r} (defined: {defined})")
+
+
+def _check_config(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
+    """Check across sections: the two listeners must not share an address."""
+    # an absent section means its defaults; an invalid one was reported already
+    server = v.get("server", None if "server" in data else ServerConfig())
+    admin = v.get("admin", None if "admin" in data else AdminConfig())
+    if server is None or admin is None or not server.port or server.port != admin.port:
+        return
+    if server.host == admin.host or {server.host, admin.host} & _WILDCARD_HOSTS:
+        host = f"[{server.host}]" if ":" in server.host else server.host
+        where = f"{host}:{server.port}"
+        problems.add(
+            "admin.port", f"the admin listener must not share the media listener ({where})"
+        )
+
+
+_Check = Callable[[dict[str, Any], dict[Any, Any], str, _Problems], None]
+_CHECKS: Final[dict[type[Any], _Check]] = {
+    S3StorageConfig: _check_s3,
+    RouteConfig: _check_route,
+    Config: _check_config,
+}
+
+
+@functools.cache
+def _fields(cls: type[Any]) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """Map each field name of a config class to its field and resolved type."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _is_required(f: dataclasses.Field[Any]) -> bool:
+    no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    return no_default and not f.metadata.get("internal")
 
 
 def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _build(
-    cls: type[Any],
-    data: object,
-    path: str,
-    problems: list[tuple[str, str]],
-    internal: dict[str, Any] | None = None,
-) -> Any:
-    """Build dataclass `cls` from a mapping, appending every problem found."""
-    if not isinstance(data, dict):
-        problems.append((path or "(top level)", f"expected a mapping, got {_show(data)}"))
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    values: dict[str, Any] = dict(internal or {})
-    for key, raw in data.items():
-        key_path = _join(path, key)
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), list(fields), n=1)
-            more = f" (did you mean '{hint[0]}'?)" if hint else ""
-            problems.append((key_path, f"unknown key{more}"))
-            continue
-        value = _convert(hints[key], fields[key], raw, key_path, problems)
-        if value is not None or raw is None:
-            values[key] = value  # partly invalid values are kept so later checks still run
-    complete = True
-    for name, f in fields.items():
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and name not in data:
-            problems.append((_join(path, name), "required key missing"))
-        if required and values.get(name) is None:
-            complete = False
-    return cls(**values) if complete else None
-
-
-def _convert(
-    hint: Any, f: dataclasses.Field[Any], raw: object, path: str, problems: list[tuple[str, str]]
-) -> Any:
-    """Convert one YAML value to the field's type and check its metadata rules."""
-    meta = f.metadata
-    args = typing.get_args(hint)
-    if type(None) in args:  # Optional[...]
-        if raw is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    kind = meta.get("kind")
-    try:
-        if kind == "duration":
-            value: Any = parse_duration(raw)
-        elif kind == "size":
-            value = parse_size(raw)
-        elif kind == "env":
-            if not isinstance(raw, str) or not _ENV_NAME.match(raw):
-                raise ValueError(f"expected an environment variable name, got {_show(raw)}")
-            value = raw
-        elif hint is bool:
-            if not isinstance(raw, bool):
-                raise ValueError(f"expected true or false, got {_show(raw)}")
-            value = raw
-        elif hint is int:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                raise ValueError(f"expected an integer, got {_show(raw)}")
-            value = raw
-        elif hint is str:
-            if not isinstance(raw, str):
-                raise ValueError(f"expected a string, got {_show(raw)}")
-            value = raw
-        elif hint is Path:
-            if not isinstance(raw, str) or not raw:
-                raise ValueError(f"expected a path, got {_show(raw)}")
-            value = Path(raw).absolute()
-        elif dataclasses.is_dataclass(hint):
-            return _build(typing.cast(type[Any], hint), raw, path, problems)
-        elif typing.get_origin(hint) is tuple:
-            return _build_list(args[0], raw, path, problems)
-        elif typing.get_origin(hint) in (Mapping, dict) or hint is Mapping:
-            return _build_mapping(typing.get_args(hint)[1], raw, path, problems)
-        else:  # pragma: no cover - a field type this walker does not know
-            raise TypeError(f"unsupported field type {hint!r}")
-    except ValueError as exc:
-        problems.append((path, str(exc)))
-        return None
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        problems.append((path, f"expected one of {', '.join(choices)}, got {_show(raw)}"))
-    if "min" in meta and value < meta["min"]:
-        problems.append((path, f"must be at least {meta['min']}, got {_show(raw)}"))
-    if "max" in meta and value > meta["max"]:
-        problems.append((path, f"must be at most {meta['max']}, got {_show(raw)}"))
-    return value
-
-
-def _build_list(item: type[Any], raw: object, path: str, problems: list[tuple[str, str]]) -> Any:
-    if not isinstance(raw, list):
-        problems.append((path, f"expected a list, got {_show(raw)}"))
-        return None
-    items = [_build(item, entry, f"{path}[{i}]", problems) for i, entry in enumerate(raw)]
-    return tuple(items)
-
-
-def _build_mapping(value_type: Any, raw: object, path: str, problems: list[tuple[str, str]]) -> Any:
-    if not isinstance(raw, dict):
-        problems.append((path, f"expected a mapping, got {_show(raw)}"))
-        return None
-    if isinstance(value_type, types.UnionType):  # the storages mapping
-        return _build_storages(raw, path, problems)
-    result: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not key:
-            problems.append((_join(path, key), "keys must be non-empty strings"))
-            continue
-        result[key] = _build(value_type, value, _join(path, key), problems)
-    return types.MappingProxyType(result)
-
-
-def _build_storages(raw: dict[Any, Any], path: str, problems: list[tuple[str, str]]) -> Any:
-    result: dict[str, Any] = {}
-    for name, body in raw.items():
-        spath = _join(path, name)
-        if not isinstance(name, str) or not _STORAGE_NAME.match(name):
-            problems.append((spath, "storage names use letters, digits, '-' and '_'"))
-            continue
-        if not isinstance(body, dict):
-            problems.append((spath, f"expected a mapping, got {_show(body)}"))
-            continue
-        kind = body.get("type")
-        if kind is None:
-            problems.append((_join(spath, "type"), "required key missing"))
-            continue
-        cls = _STORAGE_TYPES.get(kind) if isinstance(kind, str) else None
-        if cls is None:
-            problems.append((_join(spath, "type"), f"expected one of disk, s3, got {_show(kind)}"))
-            continue
-        built = _build(cls, body, spath, problems, {"name": name})
-        if built is not None:
-            _check_storage(built, spath, problems)
-            result[name] = built
-    return types.MappingProxyType(result)
-
-
-def _check_storage(s: StorageConfig, path: str, problems: list[tuple[str, str]]) -> None:
-    if not isinstance(s, S3StorageConfig):
-        return
-    if s.prefix.startswith("/"):
-        problems.append((_join(path, "prefix"), "must not start with '/'"))
-    elif s.prefix and not s.prefix.endswith("/"):
-        problems.append((_join(path, "prefix"), "must end with '/', e.g. 'uploads/'"))
-    if s.endpoint_url is not None and not s.endpoint_url.startswith(("http://", "https://")):
-        problems.append((_join(path, "endpoint_url"), "must start with http:// or https://"))
-    if (s.access_key_id_env is None) != (s.secret_access_key_env is None):
-        problems.append(
-            (
-                _join(path, "access_key_id_env"),
-                "access_key_id_env and secret_access_key_env go together",
-            )
-        )
-
-
-def _check_references(cfg: Config, declared: set[Any], problems: list[tuple[str, str]]) -> None:
-    """Checks across sections: ports, route prefixes, storages named by routes."""
-    for section in ("server", "admin"):
-        port = getattr(cfg, section).port
-        if not 0 <= port <= 65535:  # 0: any free port (tests, benchmarks)
-            problems.append((f"{section}.port", f"expected a port from 0 to 65535, got {port}"))
-    if cfg.server.port and (cfg.server.host, cfg.server.port) == (cfg.admin.host, cfg.admin.port):
-        problems.append(("admin.port", "the admin listener must not share the media listener"))
-    if not declared:
-        problems.append(("storages", "at least one storage is required"))
-    if not cfg.routes:
-        problems.append(("routes", "at least one route is required"))
-    defined = ", ".join(sorted(str(name) for name in declared)) or "none"
-    seen: set[str] = set()
-    for i, route in enumerate(cfg.routes):
-        if route is None:
-            continue
-        if not (route.prefix.startswith("/") and route.prefix.endswith("/")):
-            problems.append(
-                (
-                    f"routes[{i}].prefix",
-                    f"must start and end with '/', e.g. '/media/', got {route.prefix!r}",
-                )
-            )
-        elif route.prefix in seen:
-            problems.append((f"routes[{i}].prefix", f"duplicate prefix {route.prefix!r}"))
-        seen.add(route.prefix)
-        if route.storage not in declared:
-            problems.append(
-                (f"routes[{i}].storage", f"unknown storage {route.storage!r} (defined: {defined})")
-            )
-
-
 def _show(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
+    """Render a YAML value the way the user wrote it."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
     return repr(value)
+
+
+def _show_size(size: int) -> str:
+    unit = next((u for u in ("GiB", "MiB", "KiB") if size and size % _SIZE_UNITS[u] == 0), "B")
+    return f"{size // _SIZE_UNITS[unit]}{unit}"
