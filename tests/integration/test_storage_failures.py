@@ -53,7 +53,11 @@ def broken(
 ) -> Iterator[int]:
     workdir = tmp_path_factory.mktemp("broken")
     port, admin = free_port(), free_port()
-    refused = free_port()  # nothing listens here
+    # Bound but never listening: connections are refused, and no other process can take
+    # the port while the test runs (a merely "free" port could be reused by anyone).
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = closed.getsockname()[1]
     s3 = "type: s3, bucket: media, addressing_style: path, max_attempts: 1, connect_timeout: 1s"
     config = f"""
 server: {{host: 127.0.0.1, port: {port}}}
@@ -79,6 +83,7 @@ routes:
         yield port
     finally:
         stop_process(proc)
+        closed.close()
 
 
 @pytest.mark.parametrize(
