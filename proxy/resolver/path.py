@@ -52,6 +52,8 @@ def confine_key(raw_key: str) -> str:
         raise BadRequest("absolute key")
     if not key.isprintable():  # NUL, other control and format characters
         raise BadRequest("control character in key")
+    if "\\" in key:  # a path separator to some storages (SeaweedFS, Windows shares)
+        raise BadRequest("backslash in key")
     for segment in key.split("/"):
         if segment in ("", ".", ".."):
             raise BadRequest("empty, '.' or '..' segment in key")

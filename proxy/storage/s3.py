@@ -85,7 +85,8 @@ class S3Storage:
             s3={"addressing_style": cfg.addressing_style},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
-            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            # botocore's own "max_attempts" counts retries; ours is the total, as documented.
+            retries={"mode": "standard", "total_max_attempts": cfg.max_attempts},
             max_pool_connections=self._pool_size,
             # Checksums are validated only at EOF of a whole object: useless for ranges.
             response_checksum_validation="when_required",

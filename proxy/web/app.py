@@ -19,7 +19,7 @@ from proxy.log import log_event
 from proxy.model import Storage
 from proxy.storage.disk import DiskStorage
 from proxy.storage.s3 import S3Storage
-from proxy.web.media import MediaHandler
+from proxy.web.media import REQUEST_ID, MediaHandler
 
 log = logging.getLogger("proxy.server")
 
@@ -111,7 +111,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         log_event(
             self.logger,
             "http.request",
-            request_id=request.get("request_id"),
+            request_id=request.get(REQUEST_ID),
             method=request.method,
             path=request.path,
             status=response.status,

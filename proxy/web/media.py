@@ -32,6 +32,7 @@ log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
 
 ALLOW: Final = "GET, HEAD"
+REQUEST_ID: Final = web.RequestKey("request_id", str)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
@@ -76,7 +77,7 @@ class MediaHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request_id(request)
-        request["request_id"] = rid
+        request[REQUEST_ID] = rid
         try:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(request.method)
@@ -256,17 +257,17 @@ async def _stream(
         return True
     except ConnectionError:
         _abort(request, resp)
-        log_event(log, "stream.client_disconnected", request_id=request["request_id"])
+        log_event(log, "stream.client_disconnected", request_id=request[REQUEST_ID])
     except TimeoutError:
         _abort(request, resp)
-        log_event(log, "stream.timed_out", logging.WARNING, request_id=request["request_id"])
+        log_event(log, "stream.timed_out", logging.WARNING, request_id=request[REQUEST_ID])
     except (ProxyError, OSError) as exc:  # storage failure mid-body (sendfile can raise EIO)
         _abort(request, resp)
         log_event(
             log,
             "stream.failed",
             logging.WARNING,
-            request_id=request["request_id"],
+            request_id=request[REQUEST_ID],
             error=getattr(exc, "code", "storage_error"),
             reason=str(exc),
         )

@@ -90,7 +90,7 @@ routes:
     ("prefix", "status", "code", "max_s"),
     [
         ("/badcreds/", 502, "storage_error", 3.0),  # the storage refused us (403)
-        ("/refused/", 502, "storage_error", 3.0),  # nothing listening
+        ("/refused/", 502, "storage_error", 0.9),  # refused at once: no retry, no backoff
         ("/stalled/", 504, "storage_timeout", 3.0),  # upstream_first_byte is 1 s
     ],
 )

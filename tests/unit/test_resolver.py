@@ -57,6 +57,8 @@ def test_unrouted_paths_are_not_found(raw: str) -> None:
         "a/",
         "%ff%fe",  # not UTF-8
         "x" * 1025,
+        "a\\..\\b",  # backslashes separate paths on some storages
+        "..%5csecret",
     ],
 )
 def test_hostile_keys_are_refused(raw_key: str) -> None:
@@ -69,6 +71,6 @@ def test_empty_key_is_not_found() -> None:
         confine_key("")
 
 
-@pytest.mark.parametrize("raw_key", ["a..b", "..a", "a..", ".hidden", "a\\..\\b", "x" * 1024])
+@pytest.mark.parametrize("raw_key", ["a..b", "..a", "a..", ".hidden", "x" * 1024])
 def test_dots_inside_names_are_ordinary(raw_key: str) -> None:
     assert confine_key(raw_key) == raw_key
