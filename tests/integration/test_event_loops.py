@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import FILES, SidecarProcess
-from tests.integration.httpclient import parse_multipart, request
+from tests.integration.httpclient import request
+from tests.integration.rawhttp import parse_byteranges
 
 BIG = FILES["big.bin"]
 
@@ -24,5 +25,5 @@ def test_large_bodies_are_exact(sidecar: SidecarProcess, prefix: str) -> None:
     multi = request(
         sidecar.port, "GET", prefix + "big.bin", {"Range": "bytes=0-99999,2000000-3999999"}
     )
-    parts = parse_multipart(multi.header("Content-Type") or "", multi.body)
+    parts = parse_byteranges(multi.header("Content-Type") or "", multi.body)
     assert [p.body for p in parts] == [BIG[:100_000], BIG[2_000_000:4_000_000]]
