@@ -112,10 +112,7 @@ class MediaHandler:
     ) -> web.StreamResponse:
         route = resolved.route
         storage = self._storages[route.storage]
-        if storage.inline_io:  # disk: no timer, no wrapper coroutine on the hot path
-            meta = await storage.stat(resolved.key)
-        else:
-            meta = await _timed(storage, storage.stat(resolved.key), self._first_byte_s)
+        meta = await _timed(storage, storage.stat(resolved.key), self._first_byte_s)
         decision = decide(request.method, meta, request.headers)
 
         headers = {"ETag": meta.etag, "X-Request-ID": rid, "Accept-Ranges": "bytes"}
@@ -147,12 +144,8 @@ class MediaHandler:
             return web.Response(status=status, headers=headers)
 
         if length <= self._chunk:  # small: one read, one write carries headers and bytes
-            if storage.inline_io:
-                data = await storage.read(meta, ranges[0])
-            else:
-                data = await _timed(
-                    storage, storage.read(meta, ranges[0]), timeouts.upstream_first_byte
-                )
+            first_byte_s = timeouts.upstream_first_byte
+            data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
             return web.Response(status=status, headers=headers, body=data)
         first_byte_s = timeouts.upstream_first_byte
         body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
