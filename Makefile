@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= config/sidecar.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test test-unit test-integration lint fmt check bench lock clean
+.PHONY: venv run test test-unit test-integration lint fmt check bench bench-slow lock clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ check: lint test
 bench: venv
 	tests/bench/ensure_tools.sh
 	$(PY) tests/bench/run_bench.py $(BENCH_ARGS)
+
+# Slow clients: RSS per stalled stream (disk, S3, nginx) and one fast client's S3 speed.
+bench-slow: venv
+	tests/bench/ensure_tools.sh
+	$(PY) tests/bench/slow_clients.py $(BENCH_ARGS)
 
 # Resolve the newest versions allowed by setup.cfg in a scratch venv and pin them all.
 lock:

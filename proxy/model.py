@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from proxy.errors import StorageError
@@ -45,13 +46,16 @@ class Body(Protocol):
 class FileBody:
     """A byte range of an open local file: read in pieces, or handed to `sendfile`."""
 
-    __slots__ = ("_file", "fd", "offset", "remaining")
+    __slots__ = ("_file", "_on_close", "fd", "offset", "remaining")
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
+    def __init__(
+        self, fd: int, offset: int, length: int, on_close: Callable[[], None] | None = None
+    ) -> None:
         self.fd = fd  # owned: closed by close()
         self.offset = offset
         self.remaining = length
         self._file: io.FileIO | None = None
+        self._on_close = on_close  # the storage's count of open bodies (/stats)
 
     @property
     def file(self) -> io.FileIO:
@@ -77,6 +81,8 @@ class FileBody:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+            if self._on_close is not None:
+                self._on_close()
 
 
 class Storage(Protocol):
@@ -98,6 +104,22 @@ class Storage(Protocol):
 
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small byte range whole (at most `limits.chunk_size` bytes)."""
+        ...
+
+    def in_use(self) -> int:
+        """Upstream resources held by open bodies now (S3 connections, open files)."""
+        ...
+
+    def idle(self) -> int:
+        """Upstream resources kept for reuse (S3 keep-alive connections, cached descriptors)."""
+        ...
+
+    def figures(self) -> dict[str, int]:
+        """Counters of this kind of storage for /stats (S3: detach and resume counts)."""
+        ...
+
+    async def probe(self) -> None:
+        """Check the storage is reachable (root readable, bucket answers); raise StorageError."""
         ...
 
     async def close(self) -> None:

@@ -1,8 +1,9 @@
 """Copy one byte range from a storage body to a prepared HTTP response.
 
-Guarantees: the next storage read waits for the client (one chunk in flight); no
-progress for `idle_timeout_s` raises TimeoutError; a body shorter than announced
-raises StorageError. The caller aborts the connection on any error after headers
+Guarantees (SPEC §4): the next storage read waits for the client, and at most one
+chunk is queued in user space for it; no progress for `idle_timeout_s`, or reaching
+`deadline` (max_duration), raises TimeoutError; a body shorter than announced raises
+StorageError. The caller aborts the connection on any error after headers
 (streaming-pitfalls P1/P2): a response is complete or visibly cut, never short.
 """
 
@@ -12,15 +13,20 @@ import asyncio
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import StorageError
 from proxy.model import Body, FileBody
+from proxy.registry import Tracked
 
 # sendfile is issued in slices so that "no progress for idle seconds" stays observable;
 # slices grow while the client keeps up and shrink when it is slow.
 SENDFILE_MIN_SLICE: Final = 256 * 1024
 SENDFILE_MAX_SLICE: Final = 16 * 1024 * 1024
 SLOW_SLICE_S: Final = 1.0
+# Copy path: reads shrink to this while the client is slower than the storage, so a
+# client that stalls leaves a small chunk queued, not a full one (pitfalls P12).
+MIN_CHUNK: Final = 16 * 1024
 
 _no_sendfile_loops: set[type[asyncio.AbstractEventLoop]] = set()
 
@@ -32,54 +38,91 @@ def sendfile_supported(loop: asyncio.AbstractEventLoop) -> bool:
 
 async def pump(
     request: web.BaseRequest,
-    resp: web.StreamResponse,
+    writer: AbstractStreamWriter,
     body: Body,
     length: int,
+    tracked: Tracked,
     *,
     chunk_size: int,
     idle_timeout_s: float,
+    deadline: float | None = None,
 ) -> None:
-    """Send exactly `length` bytes of `body`; the body is closed by the caller."""
+    """Send exactly `length` bytes of `body` (closed by the caller).
+
+    `writer` is what `StreamResponse.prepare` returned; `deadline` is an absolute
+    `loop.time()` (max_duration) or None; progress is counted on `tracked`.
+    """
     if length <= 0:
         return
     loop = asyncio.get_running_loop()
     if isinstance(body, FileBody) and sendfile_supported(loop):
-        if await _sendfile(request, loop, body, idle_timeout_s):
+        if await _sendfile(request, loop, body, tracked, idle_timeout_s, deadline):
             return
-    await _copy(resp, body, length, chunk_size, idle_timeout_s)
+    await _copy(request, writer, body, length, tracked, chunk_size, idle_timeout_s, deadline)
+
+
+def _next_deadline(
+    loop: asyncio.AbstractEventLoop, idle_s: float, hard: float | None
+) -> float | None:
+    soft = loop.time() + idle_s if idle_s else None
+    if hard is None or (soft is not None and soft < hard):
+        return soft
+    return hard
 
 
 async def _copy(
-    resp: web.StreamResponse, body: Body, length: int, chunk_size: int, idle_timeout_s: float
+    request: web.BaseRequest,
+    writer: AbstractStreamWriter,
+    body: Body,
+    length: int,
+    tracked: Tracked,
+    chunk_size: int,
+    idle_s: float,
+    hard_deadline: float | None,
 ) -> None:
     loop = asyncio.get_running_loop()
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client went away")
+    # High-water 0: every drain() waits until the kernel took the whole chunk, so at most
+    # one chunk is queued here whatever the client does (pitfalls P12).
+    transport.set_write_buffer_limits(high=0)
     sent = 0
-    async with asyncio.timeout(None) as deadline:
+    floor = min(MIN_CHUNK, chunk_size)
+    chunk = chunk_size
+    async with asyncio.timeout(None) as timer:
         while sent < length:
-            if idle_timeout_s:
-                deadline.reschedule(loop.time() + idle_timeout_s)
-            chunk = await body.read(min(chunk_size, length - sent))
-            if not chunk:
+            timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
+            data = await body.read(min(chunk, length - sent))
+            if not data:
                 raise StorageError(f"body ended after {sent} of {length} bytes")
-            await resp.write(chunk)  # waits while the transport is above its high-water mark
-            sent += len(chunk)
+            await writer.write(data)
+            # A queued remainder means the client is slower than the storage: read less.
+            if transport.get_write_buffer_size():
+                chunk = max(chunk // 2, floor)
+                await writer.drain()
+            elif chunk < chunk_size:
+                chunk = min(chunk * 2, chunk_size)
+            sent += len(data)
+            tracked.sent(len(data))
 
 
 async def _sendfile(
     request: web.BaseRequest,
     loop: asyncio.AbstractEventLoop,
     body: FileBody,
-    idle_timeout_s: float,
+    tracked: Tracked,
+    idle_s: float,
+    hard_deadline: float | None,
 ) -> bool:
     """Zero-copy the file range; False if this loop has no sendfile (nothing was sent)."""
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
     slice_len = SENDFILE_MIN_SLICE
-    async with asyncio.timeout(None) as deadline:
+    async with asyncio.timeout(None) as timer:
         while body.remaining > 0:
-            if idle_timeout_s:
-                deadline.reschedule(loop.time() + idle_timeout_s)
+            timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
             count = min(slice_len, body.remaining)
             started = loop.time()
             try:
@@ -93,6 +136,7 @@ async def _sendfile(
                 raise
             body.offset += count
             body.remaining -= count
+            tracked.sent(count)
             if loop.time() - started < SLOW_SLICE_S / 4:
                 slice_len = min(slice_len * 2, SENDFILE_MAX_SLICE)
             elif loop.time() - started > SLOW_SLICE_S:

@@ -36,6 +36,7 @@ class DiskStorage:
         # Small files served whole: path -> (fd, (dev, ino, mtime_ns, size)), LRU order.
         # A hit costs lstat + pread instead of lstat + open + fstat + pread + close.
         self._fds: OrderedDict[str, tuple[int, tuple[int, int, int, int]]] = OrderedDict()
+        self._open_bodies = 0
 
     async def stat(self, key: str) -> ObjectMeta:
         """Return the metadata of the regular file `key` (confined; symlinks resolved)."""
@@ -84,7 +85,31 @@ class DiskStorage:
 
     async def open(self, meta: ObjectMeta, byte_range: ByteRange) -> FileBody:
         """Open the file `stat` described; ObjectChanged if it was replaced or modified since."""
-        return FileBody(self._open_verified(meta), byte_range.start, byte_range.length)
+        body = FileBody(
+            self._open_verified(meta), byte_range.start, byte_range.length, self._body_closed
+        )
+        self._open_bodies += 1
+        return body
+
+    def _body_closed(self) -> None:
+        self._open_bodies -= 1
+
+    def in_use(self) -> int:
+        """Files held open by streams now (the small-file cache is not counted)."""
+        return self._open_bodies
+
+    def idle(self) -> int:
+        """Descriptors kept by the small-file cache."""
+        return len(self._fds)
+
+    def figures(self) -> dict[str, int]:
+        return {}
+
+    async def probe(self) -> None:
+        """The root is still a readable directory."""
+        # Inline like every call of this storage (module docstring).
+        if not os.path.isdir(self.root) or not os.access(self.root, os.R_OK | os.X_OK):  # noqa: ASYNC240
+            raise StorageError("root is not a readable directory", storage=self.name)
 
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small range whole, from a cached descriptor when the file is unchanged.
@@ -137,10 +162,6 @@ class DiskStorage:
             os.close(fd)
             raise ObjectChanged("file changed", storage=self.name, key=meta.key)
         return fd
-
-    def cached_descriptors(self) -> int:
-        """Descriptors held by the small-file cache (at most FD_CACHE_SIZE)."""
-        return len(self._fds)
 
     async def close(self) -> None:
         """Close the cached descriptors; streamed bodies close their own."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from typing import Any, Final
 
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
@@ -25,50 +27,192 @@ _GENERIC_TYPES: Final = frozenset({"", "binary/octet-stream"})
 _NOT_FOUND_CODES: Final = frozenset({"404", "NoSuchKey", "NotFound"})
 _CHANGED_CODES: Final = frozenset({"412", "PreconditionFailed"})
 _POOL_HEADROOM: Final = 16
+# aiohttp's client reader buffers up to 2x this before pausing the socket (256 KiB by
+# default: ~730 KiB RSS per stalled stream here, pitfalls P12). Each read(n) raises the
+# mark to n, so a reading client keeps its own chunk size: 16 KiB measured as fast as the
+# default for 64 KiB reads, and half the memory of a stalled stream before it detaches.
+READ_BUFSIZE: Final = 16 * 1024
+# A client that has not asked for the next chunk for this long is not draining: give the
+# S3 connection back and re-GET the rest when it asks again (pitfalls P12, detach-on-stall).
+DETACH_AFTER_S: Final = 0.1
+
+
+class _SmallBufferSession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore is untyped
+    """aiobotocore's aiohttp session, with a small `read_bufsize` and pool gauges.
+
+    AioConfig cannot pass `read_bufsize`, so this repeats aiobotocore 3.10's `_get_session`
+    (pinned, see the notes) with that one argument added; a test checks it still applies.
+    """
+
+    async def _get_session(self, proxy_url: str | None) -> aiohttp.ClientSession:
+        session: aiohttp.ClientSession | None = self._sessions.get(proxy_url)
+        if session is None:
+            async with self._sessions_lock:
+                session = self._sessions.get(proxy_url)
+                if session is None:
+                    connector = await self._create_connector(proxy_url)
+                    session = await self._exit_stack.enter_async_context(
+                        aiohttp.ClientSession(
+                            connector=connector,
+                            timeout=self._timeout,
+                            skip_auto_headers={"CONTENT-TYPE"},
+                            auto_decompress=False,
+                            read_bufsize=READ_BUFSIZE,
+                        )
+                    )
+                    self._sessions[proxy_url] = session
+        return session
+
+    def connections_in_use(self) -> int:
+        """Connections checked out of the pools (aiohttp has no public gauge for it)."""
+        return sum(len(s.connector._acquired) for s in (self._sessions or {}).values())
+
+    def connections_idle(self) -> int:
+        """Keep-alive connections waiting in the pools for reuse."""
+        return sum(
+            len(conns)
+            for s in (self._sessions or {}).values()
+            for conns in s.connector._conns.values()
+        )
 
 
 class S3Body:
-    """One ranged GET's body; maps mid-body failures to storage errors (pitfalls P11)."""
+    """One ranged GET's body; detaches from S3 while the client stalls (pitfalls P11, P12).
 
-    __slots__ = ("_body", "_name", "remaining")
+    After each read a timer is armed; if the next read has not started when it fires, the
+    S3 body is closed and dropped (its connection and buffered bytes are freed), and the
+    next read re-GETs the rest with If-Match, so two versions are never spliced.
+    """
 
-    def __init__(self, body: Any, length: int, name: str) -> None:
-        self._body = body
-        self._name = name
-        self.remaining = length
+    __slots__ = (
+        "_body",
+        "_closed",
+        "_detach_s",
+        "_end",
+        "_meta",
+        "_storage",
+        "_timer",
+        "remaining",
+    )
+
+    def __init__(self, storage: S3Storage, meta: ObjectMeta, byte_range: ByteRange, body: Any):
+        self._storage = storage
+        self._meta = meta
+        self._end = byte_range.end
+        self._body: Any = body  # None while detached
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        # Without an ETag a resume could not be pinned to this version: never detach.
+        self._detach_s = storage.detach_after_s if meta.etag != '""' else 0.0
+        self.remaining = byte_range.length
 
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes; b"" only once the whole range was read."""
         if self.remaining <= 0:
             return b""
+        storage = self._storage
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        body = self._body
+        if body is None:
+            body = await self._resume()
+            if self._closed:  # closed by another task while the GET was in flight
+                body.close()
+                raise StorageError("S3 body closed during a read", storage=storage.name)
+            self._body = body
+            storage.detached_active -= 1
+            storage.resumed_total += 1
         try:
-            data: bytes = await self._body.read(min(n, self.remaining))
+            data: bytes = await body.read(min(n, self.remaining))
         except (TimeoutError, ReadTimeoutError) as exc:
-            raise StorageTimeout("S3 body read timed out", storage=self._name) from exc
+            raise StorageTimeout("S3 body read timed out", storage=storage.name) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            raise StorageError(f"S3 body failed: {exc}", storage=self._name) from exc
+            raise StorageError(f"S3 body failed: {exc}", storage=storage.name) from exc
         if not data:
-            raise StorageError("S3 body ended early", storage=self._name)
+            raise StorageError("S3 body ended early", storage=storage.name)
         self.remaining -= len(data)
+        if self.remaining > 0 and self._detach_s > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._detach_s, self._detach)
         return data
 
     def close(self) -> None:
         """Release the connection: back to the pool when fully read, else closed (P7)."""
-        self._body.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+        else:  # detached: nothing is held any more
+            self._storage.detached_active -= 1
+
+    def _detach(self) -> None:
+        self._timer = None
+        body, self._body = self._body, None  # close() alone keeps the reader's bytes alive
+        if body is not None and not self._closed:
+            body.close()
+            self._storage.detached_total += 1
+            self._storage.detached_active += 1
+
+    async def _resume(self) -> Any:
+        """Re-GET the rest of the range, pinned to the same ETag, under a first-byte timeout."""
+        storage, meta = self._storage, self._meta
+        if self._closed:
+            raise StorageError("S3 body read after close", storage=storage.name)
+        start = self._end - self.remaining + 1
+        try:
+            async with asyncio.timeout(storage.first_byte_timeout_s):
+                return await storage._get(meta, start, self._end)
+        except ObjectChanged:  # mid-body: the client already has the old version's bytes
+            raise StorageError(
+                "S3 object changed during the stream", storage=storage.name, key=meta.key
+            ) from None
+        except NotFound:
+            raise StorageError(
+                "S3 object vanished during the stream", storage=storage.name, key=meta.key
+            ) from None
+        except TimeoutError as exc:  # StorageTimeout included
+            raise StorageTimeout("S3 resume timed out", storage=storage.name, key=meta.key) from exc
 
 
 class S3Storage:
-    """Objects under `prefix` in one bucket; keys can never leave the prefix."""
+    """Objects under `prefix` in one bucket; keys can never leave the prefix.
+
+    `first_byte_timeout_s` bounds a detached body's re-GET (default: connect + read timeout);
+    `detach_after_s` is how long a body waits for its next read before detaching (0: never).
+    Counters for /stats: `detached_total`, `resumed_total`, and the gauge `detached_active`.
+    """
 
     kind = "s3"
     inline_io = False
 
-    def __init__(self, cfg: S3StorageConfig, *, max_streams: int) -> None:
+    def __init__(
+        self,
+        cfg: S3StorageConfig,
+        *,
+        max_streams: int,
+        first_byte_timeout_s: float | None = None,
+        detach_after_s: float = DETACH_AFTER_S,
+    ) -> None:
         self.name = cfg.name
         self._cfg = cfg
         self._bucket = cfg.bucket
         self._prefix = cfg.prefix
         self._pool_size = max_streams + _POOL_HEADROOM  # a slot per stream (P7)
+        self.first_byte_timeout_s = (
+            cfg.connect_timeout + cfg.read_timeout
+            if first_byte_timeout_s is None
+            else first_byte_timeout_s
+        )
+        self.detach_after_s = detach_after_s
+        self.detached_total = 0
+        self.resumed_total = 0
+        self.detached_active = 0
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -91,6 +235,7 @@ class S3Storage:
             # Checksums are validated only at EOF of a whole object: useless for ranges.
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
+            http_session_cls=_SmallBufferSession,
         )
         self._client = await self._stack.enter_async_context(
             get_session().create_client(
@@ -115,29 +260,26 @@ class S3Storage:
 
     async def open(self, meta: ObjectMeta, byte_range: ByteRange) -> S3Body:
         """GET one range, pinned to the ETag `stat` saw (If-Match) so parts never mix versions."""
-        extra = {"IfMatch": meta.etag} if meta.etag != '""' else {}
-        obj = await self._call(
-            "get_object",
-            meta.key,
-            Bucket=self._bucket,
-            Key=self._prefix + meta.key,
-            Range=f"bytes={byte_range.start}-{byte_range.end}",
-            **extra,
-        )
-        body = obj["Body"]
-        if int(obj.get("ContentLength", -1)) != byte_range.length:
-            body.close()
-            raise StorageError("S3 answered another range than asked", storage=self.name)
-        return S3Body(body, byte_range.length, self.name)
+        body = await self._get(meta, byte_range.start, byte_range.end)
+        return S3Body(self, meta, byte_range, body)
 
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small range whole; the body is read to its end, so its connection is reused."""
-        body = await self.open(meta, byte_range)
+        body = await self._get(meta, byte_range.start, byte_range.end)
         try:
             parts = []
-            while chunk := await body.read(byte_range.length):
+            left = byte_range.length
+            while left > 0:  # no S3Body: nothing to detach between these reads
+                chunk = await body.read(left)
+                if not chunk:
+                    raise StorageError("S3 body ended early", storage=self.name, key=meta.key)
                 parts.append(chunk)
-            return b"".join(parts)
+                left -= len(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except (TimeoutError, ReadTimeoutError) as exc:
+            raise StorageTimeout("S3 body read timed out", storage=self.name) from exc
+        except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise StorageError(f"S3 body failed: {exc}", storage=self.name) from exc
         finally:
             body.close()
 
@@ -148,9 +290,54 @@ class S3Storage:
     def connections_in_use(self) -> int:
         """S3 connections currently checked out of the pool (a leak never returns to 0)."""
         with contextlib.suppress(AttributeError):
-            connector = self._client._endpoint.http_session._session.connector
-            return len(connector._acquired)
+            http_session = self._client._endpoint.http_session
+            if isinstance(http_session, _SmallBufferSession):
+                return http_session.connections_in_use()
         return 0
+
+    def in_use(self) -> int:
+        """Storage protocol: the S3 connections held by open bodies (/stats upstream_in_use)."""
+        return self.connections_in_use()
+
+    def idle(self) -> int:
+        """Storage protocol: keep-alive S3 connections kept for reuse (/stats upstream_idle)."""
+        with contextlib.suppress(AttributeError):
+            http_session = self._client._endpoint.http_session
+            if isinstance(http_session, _SmallBufferSession):
+                return http_session.connections_idle()
+        return 0
+
+    def figures(self) -> dict[str, int]:
+        """Detach-on-stall counters: a `detached_active` that stays above 0 is a leak."""
+        return {
+            "detached_total": self.detached_total,
+            "resumed_total": self.resumed_total,
+            "detached_active": self.detached_active,
+        }
+
+    async def probe(self) -> None:
+        """HEAD the bucket: reachable, and the credentials are accepted."""
+        await self._call("head_bucket", "", Bucket=self._bucket)
+
+    async def _get(self, meta: ObjectMeta, start: int, end: int) -> Any:
+        """GET bytes `start..end` of the version `meta` names; return the open body."""
+        pinned = meta.etag != '""'
+        obj = await self._call(
+            "get_object",
+            meta.key,
+            Bucket=self._bucket,
+            Key=self._prefix + meta.key,
+            Range=f"bytes={start}-{end}",
+            **({"IfMatch": meta.etag} if pinned else {}),
+        )
+        body = obj["Body"]
+        if int(obj.get("ContentLength", -1)) != end - start + 1:
+            body.close()
+            raise StorageError("S3 answered another range than asked", storage=self.name)
+        if pinned and obj.get("ETag", meta.etag) != meta.etag:  # a server ignoring If-Match
+            body.close()
+            raise ObjectChanged("object changed", storage=self.name, key=meta.key)
+        return body
 
     async def _call(self, op: str, key: str, **kwargs: Any) -> Any:
         try:

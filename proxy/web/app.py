@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
-import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy.config import Config, DiskStorageConfig, StorageConfig
+from proxy.errors import ProxyError
 from proxy.log import log_event
 from proxy.model import Storage
+from proxy.registry import Registry
 from proxy.storage.disk import DiskStorage
 from proxy.storage.s3 import S3Storage
-from proxy.web.media import REQUEST_ID, MediaHandler
+from proxy.web.admin import AdminView, create_admin_app
+from proxy.web.media import REQUEST_ID, TRACKED, MediaHandler
 
 log = logging.getLogger("proxy.server")
 
@@ -28,7 +31,11 @@ def build_storage(cfg: StorageConfig, config: Config) -> Storage:
     """Instantiate one configured storage (not yet started)."""
     if isinstance(cfg, DiskStorageConfig):
         return DiskStorage(cfg)
-    return S3Storage(cfg, max_streams=config.limits.max_streams)
+    return S3Storage(
+        cfg,
+        max_streams=config.limits.max_streams,
+        first_byte_timeout_s=config.timeouts.upstream_first_byte or None,
+    )
 
 
 class Sidecar:
@@ -37,6 +44,12 @@ class Sidecar:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.storages: dict[str, Storage] = {}
+        self.registry = Registry(
+            list(cfg.storages),
+            max_streams=cfg.limits.max_streams,
+            max_per_client=cfg.limits.max_streams_per_client,
+        )
+        self.draining = False
         self.media_port = 0
         self.admin_port = 0
         self._stack = contextlib.AsyncExitStack()
@@ -45,6 +58,7 @@ class Sidecar:
         """Open every storage, then bind both listeners; on failure release what was opened."""
         cfg = self.cfg
         try:
+            token = _admin_token(cfg)
             for name, scfg in cfg.storages.items():
                 storage = build_storage(scfg, cfg)
                 start = getattr(storage, "start", None)
@@ -54,7 +68,7 @@ class Sidecar:
                 self.storages[name] = storage
                 log_event(log, "storage.ready", storage=name, kind=storage.kind)
             media = web.Server(
-                MediaHandler(cfg, self.storages),
+                MediaHandler(cfg, self.storages, self.registry),
                 access_log_class=JsonAccessLogger,
                 access_log=logging.getLogger("proxy.access") if cfg.logging.access_log else None,
                 keepalive_timeout=cfg.server.keepalive_timeout,  # AppRunner defaults to 3630 s
@@ -68,8 +82,11 @@ class Sidecar:
                 cfg.server.port,
                 backlog=1024,
             )
+            view = AdminView(
+                self.registry, self.storages, token=token, is_draining=lambda: self.draining
+            )
             self.admin_port = await self._listen(
-                web.AppRunner(create_admin_app(cfg), handle_signals=False, access_log=None),
+                web.AppRunner(create_admin_app(view), handle_signals=False, access_log=None),
                 cfg.admin.host,
                 cfg.admin.port,
                 backlog=128,
@@ -80,6 +97,7 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop the listeners (admin first), drain, then close the storages."""
+        self.draining = True
         await self._stack.aclose()
         self.storages.clear()
 
@@ -93,29 +111,31 @@ class Sidecar:
         return int(sockets[0].getsockname()[1]) if sockets else port
 
 
-def create_admin_app(cfg: Config) -> web.Application:
-    """The admin listener (SPEC §5): liveness for now."""
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"status": "ok"}), content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    return app
+def _admin_token(cfg: Config) -> str | None:
+    """The admin bearer token from `admin.token_env`; a named but empty variable is an error."""
+    if cfg.admin.token_env is None:
+        return None
+    token = os.environ.get(cfg.admin.token_env, "")
+    if not token:
+        raise ProxyError(f"admin.token_env: environment variable {cfg.admin.token_env} is not set")
+    return token
 
 
 class JsonAccessLogger(AbstractAccessLogger):
     """One `http.request` event per request, with its request id (SPEC §6)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        tracked = request.get(TRACKED)
         log_event(
             self.logger,
             "http.request",
             request_id=request.get(REQUEST_ID),
+            conn=tracked.id if tracked else None,
+            outcome=tracked.outcome if tracked else None,
             method=request.method,
             path=request.path,
             status=response.status,
-            bytes=response.body_length,
+            bytes=tracked.bytes_sent if tracked else response.body_length,
             duration_ms=round(time * 1000, 3),
             client=request.remote,
             range=request.headers.get("Range"),

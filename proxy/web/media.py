@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
 import secrets
+import socket
+import struct
+import time
 from collections.abc import Awaitable, Mapping
 from typing import Final, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from proxy.conditional import Decision, decide, http_date
 from proxy.config import Config, EffectiveTimeouts
 from proxy.errors import (
     MethodNotAllowed,
     ObjectChanged,
+    Overloaded,
     ProxyError,
     StorageTimeout,
 )
@@ -25,6 +31,14 @@ from proxy.log import log_event
 from proxy.mediatype import guess_type
 from proxy.model import Body, ByteRange, ObjectMeta, Storage
 from proxy.ranges import content_range, unsatisfied_content_range
+from proxy.registry import (
+    CLIENT_DISCONNECTED,
+    COMPLETED,
+    FAILED,
+    TIMED_OUT,
+    Registry,
+    Tracked,
+)
 from proxy.resolver.path import PathResolver, Resolved
 from proxy.stream import pump
 
@@ -33,9 +47,11 @@ T = TypeVar("T")
 
 ALLOW: Final = "GET, HEAD"
 REQUEST_ID: Final = web.RequestKey("request_id", str)
+TRACKED: Final = web.RequestKey("tracked", Tracked)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -64,11 +80,17 @@ def error_response(
 
 
 class MediaHandler:
-    """Serve objects of the configured storages on the configured routes."""
+    """Serve objects of the configured storages on the configured routes.
 
-    def __init__(self, cfg: Config, storages: Mapping[str, Storage]) -> None:
+    Every request is admitted by the registry and ends with exactly one outcome:
+    a whole response is delivered inside the handler (not by aiohttp afterwards), so
+    that a client that leaves during the write is counted as such (SPEC §4).
+    """
+
+    def __init__(self, cfg: Config, storages: Mapping[str, Storage], registry: Registry) -> None:
         self._cfg = cfg
         self._storages = storages
+        self._registry = registry
         self._resolver = PathResolver(cfg.routes)
         self._chunk = cfg.limits.chunk_size
         self._first_byte_s = cfg.timeouts.upstream_first_byte
@@ -78,14 +100,36 @@ class MediaHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         rid = request_id(request)
         request[REQUEST_ID] = rid
+        registry = self._registry
+        try:
+            tracked = registry.admit(request.method, request.raw_path, request.remote or "", rid)
+        except Overloaded as exc:  # counted `rejected` by the registry
+            log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
+            return error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
+        request[TRACKED] = tracked
+        log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        try:
+            resp = await self._handle(request, tracked, rid)
+            if tracked.outcome is None:  # a whole response: hand it over here, then count it
+                await self._deliver(request, resp, tracked)
+            return resp
+        except asyncio.CancelledError:  # handler_cancellation: the client went away
+            self._end(tracked, CLIENT_DISCONNECTED)
+            raise
+        finally:
+            self._end(tracked, FAILED, 500)  # a no-op unless something escaped above
+
+    async def _handle(
+        self, request: web.BaseRequest, tracked: Tracked, rid: str
+    ) -> web.StreamResponse:
         try:
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(request.method)
             resolved = self._resolver.resolve(request.raw_path)
             try:
-                return await self._serve(request, resolved, rid)
+                return await self._serve(request, resolved, tracked)
             except ObjectChanged:  # replaced between stat and open: decide again, once
-                return await self._serve(request, resolved, rid)
+                return await self._serve(request, resolved, tracked)
         except ProxyError as exc:
             extra = {"Allow": ALLOW} if isinstance(exc, MethodNotAllowed) else None
             if exc.status >= 500:
@@ -93,29 +137,51 @@ class MediaHandler:
                     log,
                     "request.failed",
                     logging.WARNING,
+                    conn=tracked.id,
                     request_id=rid,
                     error=exc.code,
                     reason=str(exc),
                 )
             return error_response(exc, rid, extra)
         except ConnectionError:  # the client left before headers went out: not our failure
-            log_event(log, "stream.client_disconnected", request_id=rid, stage="headers")
+            self._end(tracked, CLIENT_DISCONNECTED)
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)  # never sent; names the outcome for the access log
         except Exception:  # a bug: log it here, answer small JSON, never a traceback
-            log.exception("request.crashed", extra={"request_id": rid})
+            log.exception("request.crashed", extra={"conn": tracked.id, "request_id": rid})
             return error_response(ProxyError("internal error"), rid)
 
+    async def _deliver(
+        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked
+    ) -> None:
+        """Write a whole response now and record its outcome (5xx: failed or timed out)."""
+        status = resp.status
+        if status < 300:
+            self._registry.headers_sent(tracked)
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            if status < 500:  # a server-side failure stays the reason it ended
+                self._end(tracked, CLIENT_DISCONNECTED)
+                return
+        body = resp.body if isinstance(resp, web.Response) else None
+        if isinstance(body, bytes):
+            tracked.bytes_sent = len(body)
+        outcome = COMPLETED if status < 500 else TIMED_OUT if status == 504 else FAILED
+        self._registry.finish(tracked, outcome, status)
+
     async def _serve(
-        self, request: web.BaseRequest, resolved: Resolved, rid: str
+        self, request: web.BaseRequest, resolved: Resolved, tracked: Tracked
     ) -> web.StreamResponse:
         route = resolved.route
         storage = self._storages[route.storage]
+        self._registry.attach(tracked, route.storage, resolved.key, request.headers.get("Range"))
         meta = await _timed(storage, storage.stat(resolved.key), self._first_byte_s)
         decision = decide(request.method, meta, request.headers)
 
-        headers = {"ETag": meta.etag, "X-Request-ID": rid, "Accept-Ranges": "bytes"}
+        headers = {"ETag": meta.etag, "X-Request-ID": tracked.request_id, "Accept-Ranges": "bytes"}
         if meta.last_modified is not None:
             headers["Last-Modified"] = self._http_date(meta.last_modified)
         if route.cache_control:
@@ -134,7 +200,7 @@ class MediaHandler:
         ranges = decision.ranges if status == 206 else _whole(meta.size)
         timeouts = self._timeouts_for(ctype)
         if len(ranges) > 1:
-            return await self._multipart(request, storage, meta, decision, ctype, headers, timeouts)
+            return await self._multipart(request, storage, meta, decision, ctype, headers, tracked)
         if status == 206:
             headers["Content-Range"] = content_range(ranges[0], meta.size)
         headers["Content-Type"] = ctype
@@ -143,20 +209,110 @@ class MediaHandler:
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
 
+        first_byte_s = timeouts.upstream_first_byte
         if length <= self._chunk:  # small: one read, one write carries headers and bytes
-            first_byte_s = timeouts.upstream_first_byte
             data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
             return web.Response(status=status, headers=headers, body=data)
-        first_byte_s = timeouts.upstream_first_byte
         body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
         try:
             resp = web.StreamResponse(status=status, headers=headers)
             resp.content_length = length
-            await resp.prepare(request)  # inside the handler, under our timeouts (P4)
-            await _stream(request, resp, body, length, self._chunk, timeouts.idle)
+            writer = await self._start(request, resp, tracked, length)
+            if await self._stream(request, resp, writer, body, length, tracked, timeouts):
+                await self._complete(request, resp, tracked)
             return resp
         finally:
             body.close()
+
+    async def _start(
+        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked, length: int
+    ) -> AbstractStreamWriter:
+        """Send the headers of a streamed response (inside the handler, pitfalls P4)."""
+        self._registry.headers_sent(tracked)
+        log_event(
+            log,
+            "stream.start",
+            conn=tracked.id,
+            request_id=tracked.request_id,
+            key=tracked.key,
+            range=tracked.range,
+            status=resp.status,
+            length=length,
+            first_byte_ms=round((tracked.first_byte_s or 0.0) * 1000, 3),
+        )
+        writer = await resp.prepare(request)
+        if writer is None:  # only when the connection is already gone
+            raise ConnectionResetError("client went away")
+        return writer
+
+    async def _complete(
+        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked
+    ) -> None:
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            _abort(request, resp)
+            self._end(tracked, CLIENT_DISCONNECTED)
+            return
+        self._end(tracked, COMPLETED, resp.status)
+
+    def _end(self, tracked: Tracked, outcome: str, status: int | None = None) -> None:
+        if self._registry.finish(tracked, outcome, status):
+            if outcome == CLIENT_DISCONNECTED:
+                _log_end(tracked, "stream.client_disconnected")
+            elif outcome == TIMED_OUT:
+                _log_end(tracked, "stream.timed_out", logging.WARNING)
+            _log_end(
+                tracked, "stream.end", logging.INFO if outcome == COMPLETED else logging.WARNING
+            )
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        writer: AbstractStreamWriter,
+        body: Body,
+        length: int,
+        tracked: Tracked,
+        timeouts: EffectiveTimeouts,
+    ) -> bool:
+        """Pump one range; on failure after headers abort the connection (pitfalls P1, P2)."""
+        deadline = None
+        if timeouts.max_duration:
+            loop = asyncio.get_running_loop()
+            left = tracked.started + timeouts.max_duration - time.monotonic()
+            deadline = loop.time() + left
+        try:
+            await pump(
+                request,
+                writer,
+                body,
+                length,
+                tracked,
+                chunk_size=self._chunk,
+                idle_timeout_s=timeouts.idle,
+                deadline=deadline,
+            )
+            return True
+        except ConnectionError:
+            _abort(request, resp)
+            self._end(tracked, CLIENT_DISCONNECTED)
+        except TimeoutError:  # idle, max_duration, or the storage's own read timeout
+            _abort(request, resp, reset=True)
+            self._end(tracked, TIMED_OUT)
+        except (ProxyError, OSError) as exc:  # storage failure mid-body (sendfile can raise EIO)
+            _abort(request, resp)
+            log_event(
+                log,
+                "stream.failed",
+                logging.WARNING,
+                conn=tracked.id,
+                request_id=tracked.request_id,
+                error=getattr(exc, "code", "storage_error"),
+                reason=str(exc),
+            )
+            self._end(tracked, FAILED)
+        return False
 
     def _http_date(self, epoch_s: int) -> str:
         text = self._dates.get(epoch_s)
@@ -183,9 +339,10 @@ class MediaHandler:
         decision: Decision,
         ctype: str,
         headers: dict[str, str],
-        timeouts: EffectiveTimeouts,
+        tracked: Tracked,
     ) -> web.StreamResponse:
         """RFC 9110 §14.6 multipart/byteranges (GET only), one storage read per part."""
+        timeouts = self._timeouts_for(ctype)
         boundary = secrets.token_hex(16)
         heads = [
             f"--{boundary}\r\nContent-Type: {ctype}\r\n"
@@ -203,20 +360,27 @@ class MediaHandler:
             storage, storage.open(meta, decision.ranges[0]), first_byte_s
         )
         try:
-            await resp.prepare(request)
+            writer = await self._start(request, resp, tracked, total + len(tail))
             for head, r in zip(heads, decision.ranges, strict=True):
                 if body is None:
                     body = await _timed(storage, storage.open(meta, r), first_byte_s)
-                await resp.write(head)
-                if not await _stream(request, resp, body, r.length, self._chunk, timeouts.idle):
+                await writer.write(head)
+                if not await self._stream(request, resp, writer, body, r.length, tracked, timeouts):
                     return resp
-                await resp.write(b"\r\n")
+                await writer.write(b"\r\n")
                 body.close()
                 body = None
-            await resp.write(tail)
+            await writer.write(tail)
+            await self._complete(request, resp, tracked)
             return resp
-        except (ProxyError, TimeoutError, ConnectionError):
-            _abort(request, resp)  # after headers: cut, never finish short (P1)
+        except ConnectionError:
+            _abort(request, resp)
+            self._end(tracked, CLIENT_DISCONNECTED)
+            return resp
+        except (ProxyError, TimeoutError) as exc:  # a later part failed: cut, never short (P1)
+            timed_out = isinstance(exc, TimeoutError)
+            _abort(request, resp, reset=timed_out)
+            self._end(tracked, TIMED_OUT if timed_out else FAILED)
             return resp
         finally:
             if body is not None:
@@ -244,38 +408,34 @@ async def _timed(storage: Storage, aw: Awaitable[T], timeout_s: float) -> T:
         raise StorageTimeout("storage did not answer in time", storage=storage.name) from None
 
 
-async def _stream(
-    request: web.BaseRequest,
-    resp: web.StreamResponse,
-    body: Body,
-    length: int,
-    chunk: int,
-    idle_s: float,
-) -> bool:
-    """Pump one range; on failure after headers abort the connection (pitfalls P1, P2)."""
-    try:
-        await pump(request, resp, body, length, chunk_size=chunk, idle_timeout_s=idle_s)
-        return True
-    except ConnectionError:
-        _abort(request, resp)
-        log_event(log, "stream.client_disconnected", request_id=request[REQUEST_ID])
-    except TimeoutError:
-        _abort(request, resp)
-        log_event(log, "stream.timed_out", logging.WARNING, request_id=request[REQUEST_ID])
-    except (ProxyError, OSError) as exc:  # storage failure mid-body (sendfile can raise EIO)
-        _abort(request, resp)
-        log_event(
-            log,
-            "stream.failed",
-            logging.WARNING,
-            request_id=request[REQUEST_ID],
-            error=getattr(exc, "code", "storage_error"),
-            reason=str(exc),
-        )
-    return False
+def _abort(request: web.BaseRequest, resp: web.StreamResponse, *, reset: bool = False) -> None:
+    """Close at once, never finish the response (pitfalls P1, P2).
 
-
-def _abort(request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    `reset` (timeouts) sends an RST and drops what the kernel still queues for a client
+    that stopped reading, like nginx's `reset_timedout_connection`; otherwise the client
+    gets the bytes already sent, then EOF short of Content-Length, and can resume.
+    """
     resp.force_close()
-    if request.transport is not None:
-        request.transport.abort()
+    transport = request.transport
+    if transport is not None:
+        if reset:
+            with contextlib.suppress(AttributeError, OSError):
+                sock = transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
+
+def _log_end(tracked: Tracked, event: str, level: int = logging.INFO) -> None:
+    """One lifecycle line (stream.end, stream.client_disconnected, stream.timed_out)."""
+    log_event(
+        log,
+        event,
+        level,
+        conn=tracked.id,
+        request_id=tracked.request_id,
+        key=tracked.key,
+        outcome=tracked.outcome,
+        status=tracked.status,
+        bytes=tracked.bytes_sent,
+        duration_ms=round((time.monotonic() - tracked.started) * 1000, 3),
+    )

@@ -28,10 +28,10 @@ async def test_hit_reuses_the_descriptor_and_serves_ranges(tmp_path: Path) -> No
     before = open_fds()
     assert await read(storage, "a.bin") == b"0123456789"
     assert await read(storage, "a.bin", 2, 4) == b"234"
-    assert storage.cached_descriptors() == 1
+    assert storage.idle() == 1
     assert open_fds() == before + 1
     await storage.close()
-    assert (storage.cached_descriptors(), open_fds()) == (0, before)
+    assert (storage.idle(), open_fds()) == (0, before)
 
 
 async def test_a_changed_file_is_reopened(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ async def test_the_cache_is_bounded(tmp_path: Path) -> None:
     for i in range(FD_CACHE_SIZE + 20):
         (tmp_path / f"f{i}").write_bytes(b"%d" % i)
         assert await read(storage, f"f{i}") == b"%d" % i
-    assert storage.cached_descriptors() == FD_CACHE_SIZE
+    assert storage.idle() == FD_CACHE_SIZE
     assert open_fds() == before + FD_CACHE_SIZE
     await storage.close()
     assert open_fds() == before
@@ -78,4 +78,18 @@ async def test_streamed_bodies_own_their_descriptor(tmp_path: Path) -> None:
     assert await body.read(100) == b""
     body.close()
     body.close()  # idempotent
-    assert (storage.cached_descriptors(), open_fds()) == (0, before)
+    assert (storage.idle(), open_fds()) == (0, before)
+
+
+async def test_open_bodies_are_counted_until_closed(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    storage = DiskStorage(DiskStorageConfig(name="d", root=str(tmp_path)))
+    meta = await storage.stat("a.bin")
+    bodies = [await storage.open(meta, ByteRange(0, 99)) for _ in range(3)]
+    assert storage.in_use() == 3
+    for body in bodies:
+        body.close()
+        body.close()  # idempotent: never a negative count
+    assert storage.in_use() == 0
+    await storage.probe()
+    await storage.close()

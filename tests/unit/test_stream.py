@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.errors import StorageError
+from proxy.registry import Tracked
 from proxy.stream import pump
 
 
@@ -37,19 +38,63 @@ class ListBody:
 
 
 class GateSink:
-    """A response whose writes wait until the test opens the gate (a client not reading)."""
+    """A response writer whose writes wait until the test opens the gate (a client not reading).
+
+    `queued` plays the transport's write buffer: bytes the kernel did not take yet.
+    """
 
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.written: list[bytes] = []
+        self.queued = 0
+        self.high_water: int | None = None
+        self.drains = 0
 
     async def write(self, data: bytes) -> None:
         await self.gate.wait()
         self.written.append(data)
 
+    async def drain(self) -> None:
+        self.drains += 1
+        self.queued = 0
 
-async def run_pump(body: Any, sink: Any, length: int, idle_s: float = 5.0) -> None:
-    await pump(None, sink, body, length, chunk_size=4, idle_timeout_s=idle_s)  # type: ignore[arg-type]
+    # the transport side
+    def set_write_buffer_limits(self, high: int | None = None) -> None:
+        self.high_water = high
+
+    def get_write_buffer_size(self) -> int:
+        return self.queued
+
+
+class FakeRequest:
+    def __init__(self, sink: GateSink) -> None:
+        self.transport = sink
+
+
+def tracked() -> Tracked:
+    return Tracked(1, "GET", "/media/x", "127.0.0.1", "rid")
+
+
+async def run_pump(
+    body: Any,
+    sink: Any,
+    length: int,
+    idle_s: float = 5.0,
+    *,
+    progress: Tracked | None = None,
+    chunk_size: int = 4,
+    deadline: float | None = None,
+) -> None:
+    await pump(
+        FakeRequest(sink),  # type: ignore[arg-type]
+        sink,
+        body,
+        length,
+        progress or tracked(),
+        chunk_size=chunk_size,
+        idle_timeout_s=idle_s,
+        deadline=deadline,
+    )
 
 
 async def test_next_read_waits_for_the_client() -> None:
@@ -97,3 +142,48 @@ async def test_idle_timer_restarts_on_progress() -> None:
     sink.gate.set()
     await run_pump(ListBody([b"abcd"] * 5, stall_s=0.06), sink, 20, idle_s=0.15)
     assert len(b"".join(sink.written)) == 20
+
+
+async def test_progress_is_counted_on_the_tracked_request() -> None:
+    sink, progress = GateSink(), tracked()
+    sink.gate.set()
+    await run_pump(ListBody([b"abcdefghij"]), sink, 10, progress=progress)
+    assert progress.bytes_sent == 10
+    assert sink.high_water == 0  # at most one chunk queued in user space (pitfalls P12)
+
+
+async def test_max_duration_deadline_ends_a_stream_that_keeps_progressing() -> None:
+    # Never idle for 0.15 s, but the hard deadline at 0.2 s cuts it.
+    sink = GateSink()
+    sink.gate.set()
+    deadline = asyncio.get_running_loop().time() + 0.2
+    with pytest.raises(TimeoutError):
+        await run_pump(
+            ListBody([b"abcd"] * 50, stall_s=0.05), sink, 200, idle_s=0.15, deadline=deadline
+        )
+    assert 8 <= len(b"".join(sink.written)) < 200
+
+
+class SlowClientSink(GateSink):
+    """A client slower than the storage: every write leaves bytes queued."""
+
+    async def write(self, data: bytes) -> None:
+        await super().write(data)
+        self.queued = len(data)
+
+
+async def test_reads_shrink_while_the_client_is_slower_and_grow_back() -> None:
+    chunk = 64 * 1024
+    slow = SlowClientSink()
+    slow.gate.set()
+    data = bytes(range(256)) * 2048  # 512 KiB
+    await run_pump(ListBody([data]), slow, len(data), chunk_size=chunk)
+    sizes = [len(c) for c in slow.written]
+    assert sizes[:3] == [chunk, chunk // 2, chunk // 4]  # shrinks to the floor...
+    assert min(sizes) == 16 * 1024 and slow.drains == len(sizes)  # ...and drains each time
+    assert b"".join(slow.written) == data
+
+    fast = GateSink()
+    fast.gate.set()
+    await run_pump(ListBody([data]), fast, len(data), chunk_size=chunk)
+    assert {len(c) for c in fast.written} == {chunk}

@@ -1,0 +1,1 @@
+"""Fault tests: an S3 stand-in that stalls or cuts, and clients that vanish or stop reading."""

@@ -1,0 +1,82 @@
+"""Start a real sidecar process on a config of the test's own, and read its admin API."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import (
+    ACCESS_KEY,
+    ACCESS_KEY_ENV,
+    SECRET_KEY,
+    SECRET_KEY_ENV,
+    SidecarProcess,
+    log_tail,
+    port_accepts,
+    start_sidecar,
+    stop_process,
+    wait_until,
+)
+from tests.integration.httpclient import request
+
+
+@contextlib.contextmanager
+def running_sidecar(
+    config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[SidecarProcess]:
+    """`python -m proxy` on `config` (from conftest.make_config); stopped by PID afterwards."""
+    env = {ACCESS_KEY_ENV: ACCESS_KEY, SECRET_KEY_ENV: SECRET_KEY, **(env or {})}
+    port, admin_port = config["server"]["port"], config["admin"]["port"]
+    proc, log = start_sidecar(yaml.safe_dump(config), workdir, env)
+    try:
+        for p in (admin_port, port):
+            wait_until(lambda p=p: proc.poll() is not None or port_accepts(p), 30, "sidecar", log)
+            if proc.poll() is not None:
+                pytest.fail("sidecar exited at start:\n" + log_tail(log))
+        yield SidecarProcess(proc=proc, port=port, admin_port=admin_port, log=log)
+    finally:
+        stop_process(proc)
+
+
+def admin(sidecar: SidecarProcess, path: str, token: str | None = None) -> Any:
+    """GET an admin endpoint and decode its JSON (fails the test on a non-200)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    reply = request(sidecar.admin_port, "GET", path, headers)
+    assert reply.status == 200, (path, reply.status, reply.body[:500])
+    return orjson.loads(reply.body)
+
+
+def stats(sidecar: SidecarProcess, token: str | None = None) -> Any:
+    return admin(sidecar, "/stats", token)
+
+
+def invariant_holds(s: dict[str, Any]) -> bool:
+    c = s["connections"]
+    outcomes = ("completed", "failed", "client_disconnected", "timed_out", "rejected")
+    return bool(c["total"] == c["active"] + sum(c[o] for o in outcomes))
+
+
+def wait_for_stats(
+    sidecar: SidecarProcess,
+    predicate: Callable[[Any], bool],
+    timeout_s: float,
+    what: str,
+    token: str | None = None,
+) -> Any:
+    """Poll /stats until `predicate` holds; fail with the last figures and the log's tail."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = stats(sidecar, token)
+        assert invariant_holds(last), last["connections"]
+        if predicate(last):
+            return last
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not after {timeout_s} s; last /stats: {last}\n{log_tail(sidecar.log)}")

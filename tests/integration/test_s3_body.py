@@ -1,0 +1,266 @@
+"""S3Body against the real SeaweedFS: detach-on-stall, resume pinned by If-Match, no leaks.
+
+A body whose reader pauses longer than `detach_after_s` must give its S3 connection back
+and drop its buffers, then resume byte-exact; the gauges must always return to 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from proxy.config import S3StorageConfig, parse_config
+from proxy.errors import ObjectChanged, StorageError, StorageTimeout
+from proxy.model import ByteRange
+from proxy.storage.s3 import READ_BUFSIZE, S3Body, S3Storage
+from tests.conftest import BUCKET, FILES, S3_PREFIX, S3Server
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+BIG = FILES["big.bin"]
+CHUNK = 64 * 1024
+DETACH_S = 0.05
+PAUSE_S = DETACH_S * 4  # comfortably past the detach timer
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def s3(sidecar_config: dict[str, Any]) -> AsyncIterator[S3Storage]:
+    """The `uploads` storage of the test config, started in the session loop."""
+    cfg = parse_config(sidecar_config, "<tests>").storages["uploads"]
+    assert isinstance(cfg, S3StorageConfig)
+    storage = S3Storage(cfg, max_streams=4, detach_after_s=DETACH_S)
+    await storage.start()
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+async def settle() -> None:
+    """Let closed transports run connection_lost (one or two loop turns)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def read_all(body: S3Body, sizes: list[int], pause_every: int) -> bytes:
+    """Read to the end with chunk sizes cycling through `sizes`, pausing every N reads."""
+    parts: list[bytes] = []
+    i = 0
+    while chunk := await body.read(sizes[i % len(sizes)]):
+        parts.append(chunk)
+        i += 1
+        if pause_every and i % pause_every == 0 and body.remaining:
+            await asyncio.sleep(PAUSE_S)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    "byte_range",
+    [ByteRange(0, len(BIG) - 1), ByteRange(12_345, len(BIG) - 54_321)],
+    ids=["whole", "middle"],
+)
+async def test_paused_reads_detach_and_resume_byte_exact(
+    s3: S3Storage, byte_range: ByteRange
+) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, byte_range)
+    try:
+        first = await body.read(CHUNK)
+        assert s3.connections_in_use() == 1  # the gauge sees an attached body
+        await asyncio.sleep(PAUSE_S)
+        assert s3.connections_in_use() == 0
+        assert (s3.detached_total, s3.detached_active) == (1, 1)
+        # Odd chunk sizes so every resume starts at a different offset.
+        rest = await read_all(body, [CHUNK, 10_007, 1, 150_001], pause_every=7)
+    finally:
+        body.close()
+    await settle()
+    assert first + rest == BIG[byte_range.start : byte_range.end + 1]
+    assert s3.resumed_total >= 2
+    assert s3.resumed_total == s3.detached_total  # every detach was resumed
+    assert (s3.detached_active, s3.connections_in_use()) == (0, 0)
+
+
+async def test_detach_frees_the_response(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        await body.read(CHUNK)
+        # Private access on purpose: the point is that nothing keeps the reader alive.
+        response = weakref.ref(body._body.raw_stream)
+        await asyncio.sleep(PAUSE_S)
+        await settle()
+        gc.collect()
+        assert response() is None, "the detached body still holds the S3 response"
+    finally:
+        body.close()
+
+
+async def test_reads_spaced_below_the_delay_never_detach(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        for _ in range(12):  # 12 x DETACH_S / 3 spans 4 delays: a stale timer would fire
+            await body.read(CHUNK)
+            await asyncio.sleep(DETACH_S / 3)
+        assert s3.detached_total == 0
+        assert s3.connections_in_use() == 1
+    finally:
+        body.close()
+    await settle()
+    assert s3.connections_in_use() == 0
+
+
+async def test_no_detach_without_an_etag(s3: S3Storage) -> None:
+    meta = (await s3.stat("big.bin"))._replace(etag='""')  # a resume could not be pinned
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        first = await body.read(CHUNK)
+        await asyncio.sleep(PAUSE_S)
+        assert (s3.detached_total, s3.connections_in_use()) == (0, 1)
+        rest = await read_all(body, [CHUNK], pause_every=0)
+    finally:
+        body.close()
+    assert first + rest == BIG
+
+
+async def test_resume_after_overwrite_raises_storage_error(
+    s3: S3Storage, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = f"mutable/{uuid.uuid4().hex}.bin"
+    old, new = BIG[: 1 << 20], BIG[1 << 20 : 2 << 20]  # same length: only If-Match can tell
+
+    def put(data: bytes) -> None:
+        s3_server.client.put_object(Bucket=BUCKET, Key=S3_PREFIX + key, Body=data)
+
+    calls: list[dict[str, Any]] = []
+    get_object = s3._client.get_object
+
+    async def recording(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await get_object(**kwargs)
+
+    await asyncio.to_thread(put, old)
+    try:
+        meta = await s3.stat(key)
+        body = await s3.open(meta, ByteRange(0, len(old) - 1))
+        try:
+            first = await body.read(CHUNK)  # up to CHUNK bytes: whatever has arrived
+            assert first and old.startswith(first)
+            await asyncio.sleep(PAUSE_S)
+            assert s3.detached_active == 1
+            await asyncio.to_thread(put, new)
+            monkeypatch.setattr(s3._client, "get_object", recording)
+            with pytest.raises(StorageError) as caught:
+                await body.read(CHUNK)
+            # Not ObjectChanged ("retry once"): headers are out, the stream must be cut.
+            assert not isinstance(caught.value, ObjectChanged | StorageTimeout)
+            assert s3.resumed_total == 0
+            [resume] = calls
+            assert resume["IfMatch"] == meta.etag
+            assert resume["Range"] == f"bytes={len(first)}-{len(old) - 1}"
+        finally:
+            body.close()
+    finally:
+        await asyncio.to_thread(s3_server.client.delete_object, Bucket=BUCKET, Key=S3_PREFIX + key)
+    await settle()
+    assert (s3.detached_active, s3.connections_in_use()) == (0, 0)
+
+
+async def test_resume_checks_the_etag_when_if_match_is_ignored(
+    s3: S3Storage, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = f"mutable/{uuid.uuid4().hex}.bin"
+    old, new = BIG[: 1 << 20], BIG[1 << 20 : 2 << 20]
+
+    def put(data: bytes) -> None:
+        s3_server.client.put_object(Bucket=BUCKET, Key=S3_PREFIX + key, Body=data)
+
+    get_object = s3._client.get_object
+
+    async def ignoring_if_match(**kwargs: Any) -> Any:  # as some S3 servers do
+        kwargs.pop("IfMatch", None)
+        return await get_object(**kwargs)
+
+    await asyncio.to_thread(put, old)
+    try:
+        meta = await s3.stat(key)
+        body = await s3.open(meta, ByteRange(0, len(old) - 1))
+        try:
+            assert await body.read(CHUNK)
+            await asyncio.sleep(PAUSE_S)
+            await asyncio.to_thread(put, new)
+            monkeypatch.setattr(s3._client, "get_object", ignoring_if_match)
+            with pytest.raises(StorageError) as caught:
+                await body.read(CHUNK)
+            assert not isinstance(caught.value, ObjectChanged | StorageTimeout)
+        finally:
+            body.close()
+    finally:
+        await asyncio.to_thread(s3_server.client.delete_object, Bucket=BUCKET, Key=S3_PREFIX + key)
+    await settle()
+    assert (s3.detached_active, s3.connections_in_use()) == (0, 0)
+
+
+async def test_close_while_detached_is_idempotent(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    await body.read(CHUNK)
+    await asyncio.sleep(PAUSE_S)
+    assert s3.detached_active == 1
+    body.close()
+    body.close()
+    assert s3.detached_active == 0
+    with pytest.raises(StorageError):
+        await body.read(CHUNK)  # never re-opens a closed body
+    await settle()
+    assert s3.connections_in_use() == 0
+
+
+async def test_close_while_attached_is_idempotent(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    await body.read(CHUNK)
+    body.close()
+    body.close()
+    await asyncio.sleep(PAUSE_S)  # a timer left armed would count a detach
+    await settle()
+    assert (s3.detached_total, s3.detached_active, s3.connections_in_use()) == (0, 0, 0)
+
+
+async def test_resume_is_bounded_by_the_first_byte_timeout(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        await body.read(CHUNK)
+        await asyncio.sleep(PAUSE_S)
+        s3.first_byte_timeout_s = 1e-4  # no GET answers this fast
+        with pytest.raises(StorageTimeout):
+            await body.read(CHUNK)
+    finally:
+        body.close()
+    await settle()
+    assert (s3.detached_active, s3.connections_in_use()) == (0, 0)  # the cancelled GET too
+
+
+async def test_small_buffer_and_whole_read(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        # Private access on purpose: guards the session override against aiobotocore drift.
+        low, _ = body._body.raw_stream.content.get_read_buffer_limits()
+        assert low == READ_BUFSIZE
+    finally:
+        body.close()
+    await settle()
+    idle = s3.idle()
+    assert await s3.read(meta, ByteRange(100, 100 + CHUNK - 1)) == BIG[100 : 100 + CHUNK]
+    assert s3.connections_in_use() == 0
+    assert s3.idle() == max(idle, 1)  # read to its end: the connection went back to the pool
