@@ -83,5 +83,5 @@ async def serve(cfg: Config) -> int:
     await stop.wait()
     log_event(log, "server.draining", shutdown_timeout_s=cfg.server.shutdown_timeout)
     await sidecar.stop()
-    log_event(log, "server.stopped")
+    log_event(log, "server.stopped", **sidecar.registry.connections())
     return EXIT_OK

@@ -81,6 +81,7 @@ class Tracked:
     """One media request: who asked for what, how far it got, and (once) how it ended."""
 
     __slots__ = (
+        "aborted",
         "bytes_sent",
         "client",
         "first_byte_s",
@@ -96,6 +97,7 @@ class Tracked:
         "state",
         "status",
         "storage",
+        "task",
     )
 
     def __init__(self, conn_id: int, method: str, path: str, client: str, request_id: str) -> None:
@@ -113,6 +115,8 @@ class Tracked:
         self.bytes_sent = 0
         self.status: int | None = None
         self.outcome: str | None = None
+        self.task: Any = None  # the handler's task, for forced cleanup at shutdown
+        self.aborted: str | None = None  # why the server cut it (e.g. "shutdown_timeout")
 
     def sent(self, n: int) -> None:
         """Count `n` body bytes handed to the client (progress for idle_s)."""
@@ -131,6 +135,7 @@ class Registry:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.responses = {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
         self.finished_bytes = 0  # body bytes of finished requests (active ones add theirs)
+        self.peak_active = 0  # highest `active` since someone last reset it (memory trimming)
         self.first_byte = LatencyWindow()
         self.storages = {name: StorageFigures() for name in storages}
         self._names = {id(fig): name for name, fig in self.storages.items()}
@@ -149,7 +154,10 @@ class Registry:
             if held >= self.max_per_client:
                 self._reject(tracked, "max_streams_per_client reached")
             self._per_client[client] = held + 1
-        self.active[tracked.id] = tracked
+        active = self.active
+        active[tracked.id] = tracked
+        if len(active) > self.peak_active:
+            self.peak_active = len(active)
         return tracked
 
     def _reject(self, tracked: Tracked, reason: str) -> None:

@@ -7,6 +7,7 @@ would only add per-request cost (about a fifth of the small-file throughput).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,6 +24,7 @@ from proxy.storage.disk import DiskStorage
 from proxy.storage.s3 import S3Storage
 from proxy.web.admin import AdminView, create_admin_app
 from proxy.web.media import REQUEST_ID, TRACKED, MediaHandler
+from proxy.web.memory import trim_after_bursts
 
 log = logging.getLogger("proxy.server")
 
@@ -53,6 +55,8 @@ class Sidecar:
         self.media_port = 0
         self.admin_port = 0
         self._stack = contextlib.AsyncExitStack()
+        self._media_runner: web.ServerRunner | None = None
+        self._media_handler: MediaHandler | None = None
 
     async def start(self) -> None:
         """Open every storage, then bind both listeners; on failure release what was opened."""
@@ -67,20 +71,20 @@ class Sidecar:
                 self._stack.push_async_callback(storage.close)
                 self.storages[name] = storage
                 log_event(log, "storage.ready", storage=name, kind=storage.kind)
+            self._media_handler = MediaHandler(cfg, self.storages, self.registry)
             media = web.Server(
-                MediaHandler(cfg, self.storages, self.registry),
+                self._media_handler,
                 access_log_class=JsonAccessLogger,
                 access_log=logging.getLogger("proxy.access") if cfg.logging.access_log else None,
                 keepalive_timeout=cfg.server.keepalive_timeout,  # AppRunner defaults to 3630 s
                 handler_cancellation=True,  # a vanished client cancels its handler at once
             )
+            # Not on the exit stack: stop() drains it first, while /health says "draining".
+            self._media_runner = web.ServerRunner(
+                media, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout
+            )
             self.media_port = await self._listen(
-                web.ServerRunner(
-                    media, handle_signals=False, shutdown_timeout=cfg.server.shutdown_timeout
-                ),
-                cfg.server.host,
-                cfg.server.port,
-                backlog=1024,
+                self._media_runner, cfg.server.host, cfg.server.port, backlog=1024
             )
             view = AdminView(
                 self.registry, self.storages, token=token, is_draining=lambda: self.draining
@@ -91,19 +95,36 @@ class Sidecar:
                 cfg.admin.port,
                 backlog=128,
             )
+            trimmer = asyncio.create_task(trim_after_bursts(self.registry))
+            self._stack.callback(trimmer.cancel)
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
-        """Stop the listeners (admin first), drain, then close the storages."""
+        """Drain (SPEC §6), then stop the admin listener and close the storages.
+
+        /health answers 503 "draining" at once; the media listener stops accepting and
+        closes idle keep-alive connections; streams may finish for `shutdown_timeout`;
+        the rest are reset and counted as failed.
+        """
         self.draining = True
+        if self._media_runner is not None:
+            runner, self._media_runner = self._media_runner, None
+            cleanup = asyncio.create_task(runner.cleanup())
+            done, _ = await asyncio.wait({cleanup}, timeout=self.cfg.server.shutdown_timeout)
+            if not done and self._media_handler is not None:
+                # aiohttp would wait as long again, then close gracefully (pitfalls P2).
+                aborted = self._media_handler.abort_active("shutdown_timeout")
+                log_event(log, "server.aborted_streams", logging.WARNING, count=aborted)
+            await cleanup
         await self._stack.aclose()
         self.storages.clear()
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int, backlog: int) -> int:
         await runner.setup()
-        self._stack.push_async_callback(runner.cleanup)
+        if runner is not self._media_runner:
+            self._stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, host, port, backlog=backlog)
         await site.start()
         server = site._server

@@ -107,17 +107,37 @@ class MediaHandler:
             log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
             return error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
         request[TRACKED] = tracked
+        tracked.task = asyncio.current_task()
         log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
         try:
             resp = await self._handle(request, tracked, rid)
             if tracked.outcome is None:  # a whole response: hand it over here, then count it
                 await self._deliver(request, resp, tracked)
             return resp
-        except asyncio.CancelledError:  # handler_cancellation: the client went away
-            self._end(tracked, CLIENT_DISCONNECTED)
+        except asyncio.CancelledError:
+            if tracked.aborted:  # abort_active(): reset only now, once sendfile let go
+                if request.transport is not None:
+                    _reset(request.transport)
+                self._end(tracked, FAILED)
+            else:  # the connection was lost (handler_cancellation): the client went away
+                self._end(tracked, CLIENT_DISCONNECTED)
             raise
         finally:
             self._end(tracked, FAILED, 500)  # a no-op unless something escaped above
+
+    def abort_active(self, reason: str) -> int:
+        """Reset every active media connection (shutdown deadline, pitfalls P2); count them.
+
+        Each handler is cancelled; it resets its connection and records `failed`.
+        """
+        victims = list(self._registry.active.values())
+        for tracked in victims:
+            tracked.aborted = reason
+            log_event(log, "stream.aborted", logging.WARNING, conn=tracked.id,
+                      request_id=tracked.request_id, key=tracked.key, reason=reason)  # fmt: skip
+            if tracked.task is not None:
+                tracked.task.cancel()  # not transport.abort() under a running sendfile
+        return len(victims)
 
     async def _handle(
         self, request: web.BaseRequest, tracked: Tracked, rid: str
@@ -419,10 +439,17 @@ def _abort(request: web.BaseRequest, resp: web.StreamResponse, *, reset: bool = 
     transport = request.transport
     if transport is not None:
         if reset:
-            with contextlib.suppress(AttributeError, OSError):
-                sock = transport.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+            _reset(transport)
+        else:
+            transport.abort()
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Abort with an RST: the kernel drops what it still queues for the client."""
+    with contextlib.suppress(AttributeError, OSError):
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 def _log_end(tracked: Tracked, event: str, level: int = logging.INFO) -> None:

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import S3_PREFIX, SidecarProcess, free_port, make_config
 from tests.faults.clients import fetch
 from tests.faults.fake_s3 import FakeS3
-from tests.integration.sidecars import running_sidecar, stats, wait_for_stats
+from tests.integration.sidecars import error_lines, running_sidecar, stats, wait_for_stats
 
 FIRST_BYTE_S = 1.0
 IDLE_S = 1.0
@@ -48,6 +48,7 @@ def sidecar(
     config["storages"]["uploads"].update(max_attempts=1, read_timeout="30s")
     with running_sidecar(config, tmp_path_factory.mktemp(f"faults-{request.param}")) as proc:
         yield proc
+        assert not error_lines(proc), error_lines(proc)[:3]
 
 
 @pytest.fixture

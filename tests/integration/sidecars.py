@@ -45,6 +45,11 @@ def running_sidecar(
         stop_process(proc)
 
 
+def error_lines(sidecar: SidecarProcess) -> list[str]:
+    """Log lines at level error (a crash, an asyncio callback failing): there must be none."""
+    return [line for line in sidecar.log.read_text().splitlines() if '"level":"error"' in line]
+
+
 def admin(sidecar: SidecarProcess, path: str, token: str | None = None) -> Any:
     """GET an admin endpoint and decode its JSON (fails the test on a non-200)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None

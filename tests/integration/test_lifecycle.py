@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import FILES, S3Server, SidecarProcess, free_port, make_config
 from tests.integration.httpclient import request
-from tests.integration.sidecars import running_sidecar, stats, wait_for_stats
+from tests.integration.sidecars import error_lines, running_sidecar, stats, wait_for_stats
 
 IDLE_S = 1.0
 BIG = len(FILES["big.bin"])
@@ -43,6 +43,7 @@ def sidecar(
     with running_sidecar(config, tmp_path_factory.mktemp(f"life-{request.param}")) as proc:
         request_warmup(proc)
         yield proc
+        assert not error_lines(proc), error_lines(proc)[:3]
 
 
 def request_warmup(sidecar: SidecarProcess) -> None:

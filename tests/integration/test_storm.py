@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import FILES, S3Server, SidecarProcess, free_port, make_config
-from tests.integration.sidecars import invariant_holds, running_sidecar, stats, wait_for_stats
+from tests.integration.sidecars import (
+    error_lines,
+    invariant_holds,
+    running_sidecar,
+    stats,
+    wait_for_stats,
+)
 
 REQUESTS = 600
 CONCURRENCY = 48
@@ -40,6 +46,7 @@ def sidecar(
     )
     with running_sidecar(config, tmp_path_factory.mktemp(f"storm-{request.param}")) as proc:
         yield proc
+        assert not error_lines(proc), error_lines(proc)[:3]
 
 
 def pick(rng: random.Random) -> tuple[str, str, tuple[int, int] | None]:
