@@ -71,6 +71,14 @@ async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload(sidecar))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     log_event(
         log,
         "server.listening",
@@ -81,7 +89,28 @@ async def serve(cfg: Config) -> int:
         pid=os.getpid(),
     )
     await stop.wait()
-    log_event(log, "server.draining", shutdown_timeout_s=cfg.server.shutdown_timeout)
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(reloads):
+        await task
+    log_event(log, "server.draining", shutdown_timeout_s=sidecar.cfg.server.shutdown_timeout)
     await sidecar.stop()
     log_event(log, "server.stopped", **sidecar.registry.connections())
     return EXIT_OK
+
+
+async def reload(sidecar: Sidecar) -> None:
+    """SIGHUP (SPEC §6): re-read the file; apply it if valid, else keep the running one."""
+    source = sidecar.cfg.source
+    try:
+        cfg = load_config(source)
+    except ConfigError as exc:
+        log_event(log, "config.reload_failed", logging.ERROR, config=source,
+                  problems=exc.lines())  # fmt: skip
+        return
+    try:
+        needs_restart = await sidecar.reload(cfg)
+    except (ProxyError, OSError) as exc:  # e.g. a new storage that cannot start
+        log_event(log, "config.reload_failed", logging.ERROR, config=source, problems=[str(exc)])
+        return
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    log_event(log, "config.reloaded", config=source, needs_restart=needs_restart)

@@ -143,6 +143,21 @@ class Registry:
         self._ids = itertools.count(1)
         self.started = time.monotonic()
 
+    def reconfigure(self, storages: list[str], *, max_streams: int, max_per_client: int) -> None:
+        """New limits and storages after a reload; counters and active requests carry on."""
+        self.max_streams = max_streams
+        if max_per_client != self.max_per_client:  # recount who holds what now
+            self._per_client = {}
+            if max_per_client:
+                for tracked in self.active.values():
+                    held = self._per_client.get(tracked.client, 0)
+                    self._per_client[tracked.client] = held + 1
+            self.max_per_client = max_per_client
+        for name in storages:
+            if name not in self.storages:
+                self.storages[name] = StorageFigures()
+        self._names = {id(fig): name for name, fig in self.storages.items()}
+
     def admit(self, method: str, path: str, client: str, request_id: str) -> Tracked:
         """Register a request, or count it `rejected` and raise Overloaded (503)."""
         tracked = Tracked(next(self._ids), method, path, client, request_id)

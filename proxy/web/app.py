@@ -41,7 +41,7 @@ def build_storage(cfg: StorageConfig, config: Config) -> Storage:
 
 
 class Sidecar:
-    """Storages and both listeners of one configuration; `start` then `stop`."""
+    """Storages and both listeners of one configuration: `start`, `reload`…, `stop`."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -57,23 +57,18 @@ class Sidecar:
         self._stack = contextlib.AsyncExitStack()
         self._media_runner: web.ServerRunner | None = None
         self._media_handler: MediaHandler | None = None
+        self._view: AdminView | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open every storage, then bind both listeners; on failure release what was opened."""
         cfg = self.cfg
         try:
             token = _admin_token(cfg)
-            for name, scfg in cfg.storages.items():
-                storage = build_storage(scfg, cfg)
-                start = getattr(storage, "start", None)
-                if start is not None:
-                    await start()
-                self._stack.push_async_callback(storage.close)
-                self.storages[name] = storage
-                log_event(log, "storage.ready", storage=name, kind=storage.kind)
+            self.storages = await self._open_storages(cfg, {})
             self._media_handler = MediaHandler(cfg, self.storages, self.registry)
             media = web.Server(
-                self._media_handler,
+                self._dispatch,
                 access_log_class=JsonAccessLogger,
                 access_log=logging.getLogger("proxy.access") if cfg.logging.access_log else None,
                 keepalive_timeout=cfg.server.keepalive_timeout,  # AppRunner defaults to 3630 s
@@ -86,11 +81,11 @@ class Sidecar:
             self.media_port = await self._listen(
                 self._media_runner, cfg.server.host, cfg.server.port, backlog=1024
             )
-            view = AdminView(
+            self._view = AdminView(
                 self.registry, self.storages, token=token, is_draining=lambda: self.draining
             )
             self.admin_port = await self._listen(
-                web.AppRunner(create_admin_app(view), handle_signals=False, access_log=None),
+                web.AppRunner(create_admin_app(self._view), handle_signals=False, access_log=None),
                 cfg.admin.host,
                 cfg.admin.port,
                 backlog=128,
@@ -100,6 +95,71 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        # One indirection, so that a reload reaches keep-alive connections too.
+        assert self._media_handler is not None
+        return await self._media_handler(request)
+
+    async def reload(self, cfg: Config) -> list[str]:
+        """New requests use `cfg`; requests in flight finish on the old configuration.
+
+        Storages whose settings did not change are kept (no new S3 client); the others
+        are opened first (a failure leaves everything as it was) and the replaced ones are
+        closed once the last request of the old configuration ended. Returns the changed
+        keys that only a restart applies (listeners, admin, access log): kept as they were.
+        """
+        if self.draining or self._media_handler is None:
+            raise ProxyError("not running")
+        old_cfg, old_handler, old_storages = self.cfg, self._media_handler, self.storages
+        storages = await self._open_storages(cfg, old_storages, old_cfg)
+        self.registry.reconfigure(
+            list(cfg.storages),
+            max_streams=cfg.limits.max_streams,
+            max_per_client=cfg.limits.max_streams_per_client,
+        )
+        self._media_handler = MediaHandler(cfg, storages, self.registry)
+        self.storages = storages
+        if self._view is not None:
+            self._view.storages = storages
+        self.cfg = cfg
+        retired = [s for name, s in old_storages.items() if storages.get(name) is not s]
+        if retired:
+            task = asyncio.create_task(self._retire(old_handler, retired))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return restart_only_changes(old_cfg, cfg)
+
+    async def _open_storages(
+        self, cfg: Config, reusable: dict[str, Storage], old_cfg: Config | None = None
+    ) -> dict[str, Storage]:
+        """Storages of `cfg`, reusing unchanged ones; on failure close what was opened here."""
+        opened: dict[str, Storage] = {}
+        result: dict[str, Storage] = {}
+        try:
+            for name, scfg in cfg.storages.items():
+                kept = reusable.get(name)
+                if kept is not None and old_cfg is not None and _same_storage(name, old_cfg, cfg):
+                    result[name] = kept
+                    continue
+                storage = build_storage(scfg, cfg)
+                start = getattr(storage, "start", None)
+                if start is not None:
+                    await start()
+                opened[name] = result[name] = storage
+                log_event(log, "storage.ready", storage=name, kind=storage.kind)
+        except BaseException:
+            for storage in opened.values():
+                await storage.close()
+            raise
+        return result
+
+    async def _retire(self, handler: MediaHandler, storages: list[Storage]) -> None:
+        """Close storages replaced by a reload once no request of the old handler uses them."""
+        await handler.wait_idle()
+        for storage in storages:
+            await storage.close()
+            log_event(log, "storage.closed", storage=storage.name, reason="reload")
 
     async def stop(self) -> None:
         """Drain (SPEC §6), then stop the admin listener and close the storages.
@@ -118,8 +178,12 @@ class Sidecar:
                 aborted = self._media_handler.abort_active("shutdown_timeout")
                 log_event(log, "server.aborted_streams", logging.WARNING, count=aborted)
             await cleanup
+        for task in list(self._retiring):  # every request has ended: close them now
+            await task
         await self._stack.aclose()
-        self.storages.clear()
+        for storage in self.storages.values():
+            await storage.close()
+        self.storages = {}
 
     async def _listen(self, runner: web.BaseRunner, host: str, port: int, backlog: int) -> int:
         await runner.setup()
@@ -130,6 +194,31 @@ class Sidecar:
         server = site._server
         sockets = getattr(server, "sockets", None) or ()
         return int(sockets[0].getsockname()[1]) if sockets else port
+
+
+def _same_storage(name: str, old: Config, new: Config) -> bool:
+    """A storage survives a reload when nothing it was built from changed."""
+    scfg = new.storages.get(name)
+    if old.storages.get(name) != scfg:
+        return False
+    return isinstance(scfg, DiskStorageConfig) or (
+        old.limits.max_streams == new.limits.max_streams  # sizes the S3 pool
+        and old.timeouts.upstream_first_byte == new.timeouts.upstream_first_byte
+    )
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Changed keys a running process cannot apply: the listeners, admin, the access log."""
+    changed = [
+        f"server.{key}"
+        for key in ("host", "port", "event_loop", "keepalive_timeout")
+        if getattr(old.server, key) != getattr(new.server, key)
+    ]
+    if old.admin != new.admin:
+        changed.append("admin")
+    if old.logging.access_log != new.logging.access_log:
+        changed.append("logging.access_log")
+    return changed
 
 
 def _admin_token(cfg: Config) -> str | None:

@@ -91,6 +91,8 @@ class MediaHandler:
         self._cfg = cfg
         self._storages = storages
         self._registry = registry
+        self.in_flight = 0  # requests in this handler: its storages retire at 0 (reload)
+        self._idle: asyncio.Event | None = None
         self._resolver = PathResolver(cfg.routes)
         self._chunk = cfg.limits.chunk_size
         self._first_byte_s = cfg.timeouts.upstream_first_byte
@@ -109,6 +111,7 @@ class MediaHandler:
         request[TRACKED] = tracked
         tracked.task = asyncio.current_task()
         log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        self.in_flight += 1
         try:
             resp = await self._handle(request, tracked, rid)
             if tracked.outcome is None:  # a whole response: hand it over here, then count it
@@ -123,7 +126,16 @@ class MediaHandler:
                 self._end(tracked, CLIENT_DISCONNECTED)
             raise
         finally:
+            self.in_flight -= 1
+            if self._idle is not None and not self.in_flight:
+                self._idle.set()
             self._end(tracked, FAILED, 500)  # a no-op unless something escaped above
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in this handler (a reload replaced it)."""
+        if self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     def abort_active(self, reason: str) -> int:
         """Reset every active media connection (shutdown deadline, pitfalls P2); count them.
