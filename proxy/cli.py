@@ -1,4 +1,5 @@
-"""Command line `media-sidecar --config PATH [--check-config]`: exit 0, 2 (config), 3 (startup)."""
+"""Command line: `media-sidecar --config PATH [--check-config]` serves (exit 0, 2 config,
+3 start-up); `media-sidecar sign PATH --expires 1h` prints a signed URL path."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from proxy.config import Config, load_config
+from proxy.config import Config, load_config, parse_duration
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import log_event, setup_logging
+from proxy.signing import load_keys, signed_url
 from proxy.web.app import Sidecar
 
 EXIT_OK: Final = 0
@@ -36,18 +38,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check-config", action="store_true", help="validate the file and exit (0 valid, 2 not)"
     )
+    commands = parser.add_subparsers(dest="command", metavar="{sign}")
+    sign = commands.add_parser(
+        "sign", help="print a signed URL path for a route with access mode 'signed'"
+    )
+    sign.add_argument("path", help="request path as clients send it, e.g. /api/media/42")
+    sign.add_argument("--expires", default="1h", help="lifetime: 30s, 15m, 1h … (default 1h)")
+    sign.add_argument("--ip", help="client address to bind, for routes with bind_ip")
+    sign.add_argument(
+        "--config",
+        dest="sign_config",
+        help="YAML file (default: the global --config)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `media-sidecar` and `python -m proxy`."""
     args = parse_args(argv)
+    if args.command == "sign":
+        args.config = args.sign_config or args.config
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "sign":
+        return sign_command(cfg, args.path, args.expires, args.ip)
     if args.check_config:
         print(f"{args.config}: ok")
         return EXIT_OK
@@ -114,3 +132,27 @@ async def reload(sidecar: Sidecar) -> None:
         return
     setup_logging(cfg.logging.level, cfg.logging.format)
     log_event(log, "config.reloaded", config=source, needs_restart=needs_restart)
+
+
+def sign_command(cfg: Config, path: str, expires: str, ip: str | None) -> int:
+    """Print `path?expires=…&sig=…`, signed with the first key of the route `path` matches."""
+    try:
+        lifetime = parse_duration(expires)
+    except ValueError as exc:
+        print(f"--expires: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    route = next((r for r in cfg.routes if path.split("?", 1)[0].startswith(r.prefix)), None)
+    if route is None or route.access.mode != "signed":
+        print(f"{path}: no route with access mode 'signed' serves it", file=sys.stderr)
+        return EXIT_CONFIG
+    if route.access.bind_ip and not ip:
+        print(f"route {route.prefix} binds the client address: give --ip", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        key = load_keys(route.access.keys_env[:1], os.environ)[0]
+        bound_ip = ip if route.access.bind_ip else None
+        print(signed_url(path, key, expires_in_s=lifetime, client_ip=bound_ip))
+    except (ProxyError, ValueError) as exc:  # no key, short key, bad path, lifetime, --ip
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK

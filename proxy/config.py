@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import types
@@ -27,6 +28,7 @@ _SIZE_UNITS: Final = {
 }
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 
 # Field rules, read by the walker from dataclass metadata.
 _PORT: Final = {"min": 0, "max": 65535}  # 0 = any free port (README; tests and benchmarks)
@@ -144,11 +146,53 @@ StorageConfig = DiskStorageConfig | S3StorageConfig  # chosen by the required `t
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseConfig:
+    """The PostgreSQL database lookup routes query (one pool for the process)."""
+
+    dsn: str | None = None  # libpq DSN or URL without a password; prefer dsn_env
+    dsn_env: str | None = None
+    pool_min: int = field(default=1, metadata={"min": 0})
+    pool_max: int = field(default=10, metadata={"min": 1})
+    acquire_timeout: float = field(default=1.0, metadata={"positive": True})
+    statement_timeout: float = field(default=0.5, metadata={"positive": True})
+    connect_timeout: float = field(default=2.0, metadata={"positive": True})
+    leak_threshold: float = field(default=30.0, metadata={"positive": True})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupConfig:
+    """Resolve `/<prefix>/<id>[/<variant>]` with a parameterised SQL query."""
+
+    query: str  # uses %(id)s and optionally %(variant)s; returns storage, key, ...
+    serve_statuses: tuple[str, ...] = ("ready",)
+    cache_ttl: float = 30.0  # 0 = no cache: one query per request
+    negative_ttl: float = 2.0  # unknown ids are remembered this long
+    cache_max_entries: int = field(default=10_000, metadata={"min": 0})
+    stale_if_error: float = 60.0  # serve an expired row this long while the database fails
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessConfig:
+    """Who may read a route: everyone, signed URLs, or an identity set by a trusted hop."""
+
+    mode: str = field(
+        default="public", metadata={"choices": ("public", "signed", "trusted_header")}
+    )
+    keys_env: tuple[str, ...] = ()  # signed: variables holding keys, the first signs
+    bind_ip: bool = False  # signed: the signature covers the client address
+    header: str = "X-User-Id"  # trusted_header: the identity header
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")  # CIDRs of trusted hops
+    allow_query: str | None = None  # trusted_header: SQL with %(user)s, %(id)s: a row = allowed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
-    """Requests under `prefix` are keys of `storage`."""
+    """Requests under `prefix` are keys of `storage`, or ids resolved by `lookup`."""
 
     prefix: str
-    storage: str
+    storage: str | None = None
+    lookup: LookupConfig | None = None
+    access: AccessConfig = field(default_factory=AccessConfig)
     cache_control: str | None = None
 
 
@@ -172,6 +216,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     storages: Mapping[str, StorageConfig] = field(metadata=_STORAGE_KEYS)
     routes: tuple[RouteConfig, ...] = field(metadata={"nonempty": "at least one route is required"})
+    database: DatabaseConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -239,6 +284,7 @@ class _Problems(list[tuple[str, str]]):
         super().__init__()
         self.storages = storages  # every name under `storages:`, valid or not
         self.prefixes: list[tuple[str, str]] = []  # (route path, prefix) seen so far
+        self.needs_database: list[str] = []  # paths of route parts that query the database
 
     def add(self, path: str, reason: str) -> None:
         """Record one problem."""
@@ -303,6 +349,8 @@ def _convert(
             return _INVALID
         if not raw and "nonempty" in meta:
             problems.add(path, meta["nonempty"])
+        if isinstance(raw, list) and not dataclasses.is_dataclass(args[0]):  # scalars
+            return _scalar_tuple(args[0], f, raw, path, problems)
         if isinstance(raw, list):
             return tuple(_build(args[0], v, f"{path}[{i}]", problems) for i, v in enumerate(raw))
         pattern, rule = meta["keys"]
@@ -318,6 +366,19 @@ def _convert(
         problems.add(path, str(exc))
         return _INVALID
     return value
+
+
+def _scalar_tuple(
+    hint: Any, f: dataclasses.Field[Any], raw: list[Any], path: str, problems: _Problems
+) -> Any:
+    """A list of scalars (e.g. `keys_env`): each item parsed like a single value."""
+    items = []
+    for i, item in enumerate(raw):
+        try:
+            items.append(_parse_scalar(hint, f.name, f.metadata, item))
+        except ValueError as exc:
+            problems.add(f"{path}[{i}]", str(exc))
+    return tuple(items) if len(items) == len(raw) else _INVALID
 
 
 def _parse_scalar(hint: Any, name: str, meta: Mapping[str, Any], raw: object) -> Any:
@@ -399,10 +460,87 @@ def _check_route(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _
     if storage is not None and storage not in problems.storages:
         defined = ", ".join(problems.storages) or "none"
         problems.add(_join(path, "storage"), f"unknown storage {storage!r} (defined: {defined})")
+    given = [k for k in ("storage", "lookup") if data.get(k) is not None]
+    if len(given) != 1:
+        reason = (
+            "exactly one of storage, lookup is required"
+            if not given
+            else ("storage and lookup exclude each other")
+        )
+        problems.add(_join(path, "storage"), reason)
+    if data.get("lookup") is not None:
+        problems.needs_database.append(_join(path, "lookup"))
+    access = v.get("access")
+    if isinstance(access, AccessConfig) and access.allow_query is not None:
+        problems.needs_database.append(_join(path, "access.allow_query"))
+
+
+_PLACEHOLDER: Final = re.compile(r"%(?:\((\w+)\)s|%)|%")
+
+
+def _check_query(query: str, allowed: tuple[str, ...], required: str) -> str | None:
+    """Problems with a route's SQL: placeholders other than `allowed`, or no `required`."""
+    names = set()
+    for m in _PLACEHOLDER.finditer(query):
+        if m[0] == "%":
+            return "a lone '%' (write '%%' for a literal percent sign)"
+        if m[1] is not None:
+            names.add(m[1])
+    if unknown := sorted(names - set(allowed)):
+        shown = ", ".join(f"%({n})s" for n in unknown)
+        return f"unknown parameter {shown} (use {', '.join(f'%({a})s' for a in allowed)})"
+    if required not in names:
+        return f"must use %({required})s"
+    return None
+
+
+def _check_lookup(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
+    """Check a lookup: its query's parameters, its statuses."""
+    query = v.get("query")
+    if isinstance(query, str) and (reason := _check_query(query, ("id", "variant"), "id")):
+        problems.add(_join(path, "query"), reason)
+    if v.get("serve_statuses") == ():
+        problems.add(_join(path, "serve_statuses"), "at least one status is required")
+
+
+def _check_access(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
+    """Check access control: keys for signed URLs, a header name, trusted proxy CIDRs."""
+    mode = v.get("mode", "public")
+    if mode == "signed" and not data.get("keys_env"):
+        problems.add(_join(path, "keys_env"), "signed access needs at least one key variable")
+    header = v.get("header")
+    if isinstance(header, str) and not _HEADER_NAME.fullmatch(header):
+        problems.add(_join(path, "header"), f"not a header name, got {header!r}")
+    for i, cidr in enumerate(v.get("trusted_proxies", ())):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.add(
+                f"{_join(path, 'trusted_proxies')}[{i}]", f"not an IP network, got {cidr!r}"
+            )
+    query = v.get("allow_query")
+    if isinstance(query, str) and (reason := _check_query(query, ("id", "user"), "user")):
+        problems.add(_join(path, "allow_query"), reason)
+    if mode != "trusted_header" and data.get("allow_query") is not None:
+        problems.add(_join(path, "allow_query"), "only used with mode: trusted_header")
+
+
+def _check_database(
+    v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems
+) -> None:
+    """Check the database: one DSN source, pool bounds."""
+    if (data.get("dsn") is None) == (data.get("dsn_env") is None):
+        problems.add(_join(path, "dsn_env"), "exactly one of dsn, dsn_env is required")
+    lo, hi = v.get("pool_min"), v.get("pool_max")
+    if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+        problems.add(_join(path, "pool_min"), f"must not exceed pool_max ({hi}), got {lo}")
 
 
 def _check_config(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
-    """Check across sections: the two listeners must not share an address."""
+    """Check across sections: a database for lookups; listeners on distinct addresses."""
+    if data.get("database") is None:
+        for where in problems.needs_database:
+            problems.add(where, "needs the top-level database section")
     # an absent section means its defaults; an invalid one was reported already
     server = v.get("server", None if "server" in data else ServerConfig())
     admin = v.get("admin", None if "admin" in data else AdminConfig())
@@ -420,6 +558,9 @@ _Check = Callable[[dict[str, Any], dict[Any, Any], str, _Problems], None]
 _CHECKS: Final[dict[type[Any], _Check]] = {
     S3StorageConfig: _check_s3,
     RouteConfig: _check_route,
+    LookupConfig: _check_lookup,
+    AccessConfig: _check_access,
+    DatabaseConfig: _check_database,
     Config: _check_config,
 }
 

@@ -40,6 +40,12 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class NotReady(NotFound):
+    """The media id exists but its processing status may not be served (SPEC §7)."""
+
+    code = "not_ready"
+
+
 class MethodNotAllowed(ProxyError):
     """Only GET and HEAD are served on media routes."""
 
@@ -88,3 +94,27 @@ class ObjectChanged(StorageError):
     """The object changed between its stat and its read; the caller may retry once."""
 
     code = "object_changed"
+
+
+class Forbidden(ProxyError):
+    """Access control refused the request; `reason` is shown to the client (no secrets)."""
+
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DatabaseUnavailable(ProxyError):
+    """The database cannot be reached, or no pool connection came within acquire_timeout."""
+
+    status = 503
+    code = "database_unavailable"
+
+
+class DatabaseTimeout(DatabaseUnavailable):
+    """The server cancelled a query at statement_timeout (pitfalls P8)."""
+
+    code = "database_timeout"

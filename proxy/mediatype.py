@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 from typing import Final
+from urllib.parse import quote
 
 DEFAULT_TYPE: Final = "application/octet-stream"
 
@@ -44,3 +45,10 @@ def guess_type(key: str) -> str:
     if dot <= key.rfind("/"):
         return DEFAULT_TYPE
     return _TYPES.get(key[dot:].lower(), DEFAULT_TYPE)
+
+
+def content_disposition(filename: str, disposition: str = "inline") -> str:
+    """RFC 6266: an ASCII `filename` fallback plus `filename*` in UTF-8 (RFC 8187)."""
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%' else "_" for c in filename)
+    encoded = quote(filename, safe="!#$&+-.^_`|~")  # RFC 8187 attr-char
+    return f"{disposition}; filename=\"{fallback or 'download'}\"; filename*=UTF-8''{encoded}"

@@ -26,6 +26,8 @@ import pytest_asyncio
 import yaml
 from botocore.config import Config as BotoConfig
 
+from tests.pgfixture import pg_server as _pg_server  # noqa: F401  (session PostgreSQL: "pg_server")
+
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "media"
 S3_PREFIX = "uploads/"

@@ -16,14 +16,17 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from proxy.db import Database
 from proxy.errors import ProxyError
 from proxy.model import Storage
 from proxy.registry import OUTCOMES, Registry
+from proxy.resolver.lookup import LookupResolver
 
 PROBE_TIMEOUT_S: Final = 2.0
 PROBE_CACHE_S: Final = 1.0  # /health may be polled often; storages are probed at most this often
 _JSON: Final = "application/json"
 _PUBLIC_PATHS: Final = frozenset({"/health"})  # liveness probes carry no token
+DATABASE: Final = "(database)"  # among the probes; not a valid storage name, so no clash
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -39,11 +42,15 @@ class AdminView:
         *,
         token: str | None,
         is_draining: Callable[[], bool] = lambda: False,
+        database: Database | None = None,
+        lookups: Callable[[], Mapping[str, LookupResolver]] = dict,
     ) -> None:
         self.registry = registry
         self.storages = storages
         self.token = token
         self.is_draining = is_draining
+        self.database = database
+        self.lookups = lookups
         self.started_wall = time.time()
         self.started = time.monotonic()
         self._probed_at = -PROBE_CACHE_S
@@ -54,19 +61,20 @@ class AdminView:
         """Probe every storage concurrently (each bounded), reusing a result < 1 s old."""
         async with self._probe_lock:  # concurrent callers share one round of probes
             if fresh or time.monotonic() - self._probed_at >= PROBE_CACHE_S:
-                names = list(self.storages)
-                results = await asyncio.gather(*(self._probe(n) for n in names))
-                self._probe_results = dict(zip(names, results, strict=True))
+                targets = {n: (s.kind, s.probe) for n, s in self.storages.items()}
+                if self.database is not None:
+                    targets[DATABASE] = ("postgresql", self.database.probe)
+                results = await asyncio.gather(*(self._probe(k, p) for k, p in targets.values()))
+                self._probe_results = dict(zip(targets, results, strict=True))
                 self._probed_at = time.monotonic()
             return self._probe_results
 
-    async def _probe(self, name: str) -> dict[str, Any]:
-        storage = self.storages[name]
+    async def _probe(self, kind: str, probe: Callable[[], Awaitable[None]]) -> dict[str, Any]:
         started = time.monotonic()
-        result: dict[str, Any] = {"type": storage.kind}
+        result: dict[str, Any] = {"type": kind}
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await storage.probe()
+                await probe()
             result["status"] = "ok"
         except TimeoutError:
             result.update(status="critical", error="probe timed out")
@@ -98,7 +106,15 @@ class AdminView:
             },
             "process": self.process(),
             "oldest_active_s": reg.oldest_active_s(),
+            **({"database": self.database_figures()} if self.database is not None else {}),
         }
+
+    def database_figures(self) -> dict[str, Any]:
+        """Pool, latency and error figures of the database, and each lookup route's cache."""
+        assert self.database is not None
+        figures = dict(self.database.figures())
+        figures["cache"] = {prefix: r.cache.figures() for prefix, r in self.lookups().items()}
+        return figures
 
     def process(self) -> dict[str, Any]:
         return {
@@ -117,16 +133,20 @@ def create_admin_app(view: AdminView) -> web.Application:
         if view.is_draining():
             return _json({"status": "draining"}, 503)
         probes = await view.probe_storages()
-        failed = sorted(name for name, p in probes.items() if p["status"] != "ok")
+        failed = sorted(name.strip("()") for name, p in probes.items() if p["status"] != "ok")
         if failed:
             return _json({"status": "critical", "failed": failed}, 503)
         return _json({"status": "ok"})
 
     async def health_detailed(request: web.Request) -> web.Response:
-        probes = await view.probe_storages(fresh=True)
+        probes = dict(await view.probe_storages(fresh=True))
         ok = all(p["status"] == "ok" for p in probes.values())
         status = "draining" if view.is_draining() else "ok" if ok else "critical"
-        return _json({"status": status, "storages": probes}, 200 if status == "ok" else 503)
+        body: dict[str, Any] = {"status": status}
+        if DATABASE in probes:
+            body["database"] = probes.pop(DATABASE)
+        body["storages"] = probes
+        return _json(body, 200 if status == "ok" else 503)
 
     async def stats(request: web.Request) -> web.Response:
         return _json(view.stats())

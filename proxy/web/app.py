@@ -12,14 +12,18 @@ import contextlib
 import logging
 import os
 
+import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
 
 from proxy.config import Config, DiskStorageConfig, StorageConfig
-from proxy.errors import ProxyError
+from proxy.db import Database
+from proxy.errors import DatabaseUnavailable, ProxyError
 from proxy.log import log_event
 from proxy.model import Storage
 from proxy.registry import Registry
+from proxy.signing import load_keys
 from proxy.storage.disk import DiskStorage
 from proxy.storage.s3 import S3Storage
 from proxy.web.admin import AdminView, create_admin_app
@@ -59,6 +63,7 @@ class Sidecar:
         self._media_handler: MediaHandler | None = None
         self._view: AdminView | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self.database: Database | None = None
 
     async def start(self) -> None:
         """Open every storage, then bind both listeners; on failure release what was opened."""
@@ -66,8 +71,12 @@ class Sidecar:
         try:
             token = _admin_token(cfg)
             self.storages = await self._open_storages(cfg, {})
-            self._media_handler = MediaHandler(cfg, self.storages, self.registry)
-            media = web.Server(
+            if cfg.database is not None:
+                self.database = Database(cfg.database, dsn=_database_dsn(cfg))
+                await self.database.start()  # a database that is down is not fatal: 503s
+                self._stack.push_async_callback(self.database.close)
+            self._media_handler = await self._new_handler(cfg, self.storages)
+            media = MediaServer(
                 self._dispatch,
                 access_log_class=JsonAccessLogger,
                 access_log=logging.getLogger("proxy.access") if cfg.logging.access_log else None,
@@ -82,7 +91,12 @@ class Sidecar:
                 self._media_runner, cfg.server.host, cfg.server.port, backlog=1024
             )
             self._view = AdminView(
-                self.registry, self.storages, token=token, is_draining=lambda: self.draining
+                self.registry,
+                self.storages,
+                token=token,
+                is_draining=lambda: self.draining,
+                database=self.database,
+                lookups=lambda: self._media_handler.lookups if self._media_handler else {},
             )
             self.admin_port = await self._listen(
                 web.AppRunner(create_admin_app(self._view), handle_signals=False, access_log=None),
@@ -113,12 +127,19 @@ class Sidecar:
             raise ProxyError("not running")
         old_cfg, old_handler, old_storages = self.cfg, self._media_handler, self.storages
         storages = await self._open_storages(cfg, old_storages, old_cfg)
+        try:
+            handler = await self._new_handler(cfg, storages)
+        except BaseException:
+            for name, storage in storages.items():
+                if old_storages.get(name) is not storage:
+                    await storage.close()
+            raise
         self.registry.reconfigure(
             list(cfg.storages),
             max_streams=cfg.limits.max_streams,
             max_per_client=cfg.limits.max_streams_per_client,
         )
-        self._media_handler = MediaHandler(cfg, storages, self.registry)
+        self._media_handler = handler
         self.storages = storages
         if self._view is not None:
             self._view.storages = storages
@@ -129,6 +150,24 @@ class Sidecar:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
         return restart_only_changes(old_cfg, cfg)
+
+    async def _new_handler(self, cfg: Config, storages: dict[str, Storage]) -> MediaHandler:
+        """The media handler of `cfg`: signing keys loaded, lookup queries checked."""
+        names = [n for route in cfg.routes for n in route.access.keys_env]
+        keys = dict(zip(names, load_keys(names, os.environ), strict=True)) if names else {}
+        if cfg.database is not None and self.database is None:
+            raise ProxyError("database: added by a reload; restart to apply")
+        handler = MediaHandler(cfg, storages, self.registry, db=self.database, keys=keys)
+        for prefix, lookup in handler.lookups.items():
+            try:
+                problems = await lookup.check()
+            except DatabaseUnavailable as exc:  # checked on first use instead
+                log_event(log, "database.unavailable", logging.WARNING, route=prefix,
+                          reason=str(exc))  # fmt: skip
+                continue
+            if problems:
+                raise ProxyError(f"route {prefix}: lookup query: {'; '.join(problems)}")
+        return handler
 
     async def _open_storages(
         self, cfg: Config, reusable: dict[str, Storage], old_cfg: Config | None = None
@@ -216,9 +255,23 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ]
     if old.admin != new.admin:
         changed.append("admin")
+    if old.database != new.database:
+        changed.append("database")
     if old.logging.access_log != new.logging.access_log:
         changed.append("logging.access_log")
     return changed
+
+
+def _database_dsn(cfg: Config) -> str:
+    """The DSN from `database.dsn`, or the variable `database.dsn_env` names."""
+    assert cfg.database is not None
+    if cfg.database.dsn is not None:
+        return cfg.database.dsn
+    var = cfg.database.dsn_env or ""
+    dsn = os.environ.get(var, "")
+    if not dsn:
+        raise ProxyError(f"database.dsn_env: environment variable {var} is not set")
+    return dsn
 
 
 def _admin_token(cfg: Config) -> str | None:
@@ -229,6 +282,41 @@ def _admin_token(cfg: Config) -> str | None:
     if not token:
         raise ProxyError(f"admin.token_env: environment variable {cfg.admin.token_env} is not set")
     return token
+
+
+class MediaServer(web.Server):
+    """aiohttp's low-level server, answering requests it cannot parse in small JSON."""
+
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _JsonErrorRequestHandler(RequestHandler):
+    """A request line or header aiohttp refuses (too long, malformed) is the client's
+    mistake: a 4xx `{"error": ...}` and a warning without traceback, never text/plain."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        log_event(log, "request.malformed", logging.WARNING, status=status,
+                  reason=(message or str(exc or ""))[:200], client=request.remote)  # fmt: skip
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        code = _PARSE_ERRORS.get(status, "bad_request")
+        resp = web.Response(
+            status=status, body=orjson.dumps({"error": code}), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
+
+
+_PARSE_ERRORS = {400: "bad_request", 413: "request_too_large", 431: "headers_too_large"}
 
 
 class JsonAccessLogger(AbstractAccessLogger):

@@ -18,9 +18,11 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from proxy.access import AccessPolicy
 from proxy.conditional import Decision, decide, http_date
 from proxy.config import Config, EffectiveTimeouts
 from proxy.errors import (
+    Forbidden,
     MethodNotAllowed,
     ObjectChanged,
     Overloaded,
@@ -28,7 +30,7 @@ from proxy.errors import (
     StorageTimeout,
 )
 from proxy.log import log_event
-from proxy.mediatype import guess_type
+from proxy.mediatype import content_disposition, guess_type
 from proxy.model import Body, ByteRange, ObjectMeta, Storage
 from proxy.ranges import content_range, unsatisfied_content_range
 from proxy.registry import (
@@ -39,6 +41,7 @@ from proxy.registry import (
     Registry,
     Tracked,
 )
+from proxy.resolver.lookup import LookupResolver, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
 from proxy.stream import pump
 
@@ -70,9 +73,10 @@ def error_response(
     exc: ProxyError, rid: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """A small JSON body `{"error": code}`; never a traceback."""
-    resp = web.Response(
-        status=exc.status, body=orjson.dumps({"error": exc.code}), content_type=_JSON
-    )
+    body = {"error": exc.code}
+    if isinstance(exc, Forbidden):  # why, in one word: expired, bad_signature, not_owner…
+        body["reason"] = exc.reason
+    resp = web.Response(status=exc.status, body=orjson.dumps(body), content_type=_JSON)
     resp.headers["X-Request-ID"] = rid
     if headers:
         resp.headers.update(headers)
@@ -87,10 +91,29 @@ class MediaHandler:
     that a client that leaves during the write is counted as such (SPEC §4).
     """
 
-    def __init__(self, cfg: Config, storages: Mapping[str, Storage], registry: Registry) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        storages: Mapping[str, Storage],
+        registry: Registry,
+        *,
+        db: Querier | None = None,
+        keys: Mapping[str, bytes] | None = None,
+    ) -> None:
         self._cfg = cfg
         self._storages = storages
         self._registry = registry
+        # Per route prefix: the lookup of id routes, the access rule of non-public routes.
+        self.lookups: dict[str, LookupResolver] = {}
+        self._access: dict[str, AccessPolicy] = {}
+        for route in cfg.routes:
+            if route.lookup is not None:
+                assert db is not None, "lookup routes need the database (config check)"
+                self.lookups[route.prefix] = LookupResolver(route, db, storages)
+            if route.access.mode != "public":
+                route_keys = [(keys or {})[name] for name in route.access.keys_env]
+                self._access[route.prefix] = AccessPolicy(route.access, keys=route_keys, db=db)
+        self._lookups = self.lookups
         self.in_flight = 0  # requests in this handler: its storages retire at 0 (reload)
         self._idle: asyncio.Event | None = None
         self._resolver = PathResolver(cfg.routes)
@@ -208,9 +231,26 @@ class MediaHandler:
         self, request: web.BaseRequest, resolved: Resolved, tracked: Tracked
     ) -> web.StreamResponse:
         route = resolved.route
-        storage = self._storages[route.storage]
-        self._registry.attach(tracked, route.storage, resolved.key, request.headers.get("Range"))
-        meta = await _timed(storage, storage.stat(resolved.key), self._first_byte_s)
+        row = None
+        if route.lookup is not None:  # /<prefix>/<id>[/<variant>] through the database
+            media_id, variant = split_id(resolved.key)
+            row = await self._lookups[route.prefix].resolve(media_id, variant)
+            storage_name, key = row.storage, row.key
+        else:
+            media_id, storage_name, key = None, route.storage or "", resolved.key
+        policy = self._access.get(route.prefix)
+        if policy is not None:
+            await policy.check(
+                raw_path=request.raw_path.split("?", 1)[0],
+                query=request.query,
+                headers=request.headers,
+                peer=request.remote or "",
+                row=row,
+                media_id=media_id,
+            )
+        storage = self._storages[storage_name]
+        self._registry.attach(tracked, storage_name, key, request.headers.get("Range"))
+        meta = await _timed(storage, storage.stat(key), self._first_byte_s)
         decision = decide(request.method, meta, request.headers)
 
         headers = {"ETag": meta.etag, "X-Request-ID": tracked.request_id, "Accept-Ranges": "bytes"}
@@ -218,6 +258,8 @@ class MediaHandler:
             headers["Last-Modified"] = self._http_date(meta.last_modified)
         if route.cache_control:
             headers["Cache-Control"] = route.cache_control
+        if row is not None and row.filename:
+            headers["Content-Disposition"] = content_disposition(row.filename)
         status = decision.status
         if status == 304:
             return web.Response(status=304, headers=headers)
@@ -227,7 +269,7 @@ class MediaHandler:
             headers["Content-Range"] = unsatisfied_content_range(meta.size)
             return _json(416, "range_not_satisfiable", headers)
 
-        ctype = meta.content_type or guess_type(resolved.key)
+        ctype = (row.content_type if row else None) or meta.content_type or guess_type(key)
         headers["X-Content-Type-Options"] = "nosniff"
         ranges = decision.ranges if status == 206 else _whole(meta.size)
         timeouts = self._timeouts_for(ctype)

@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Install the benchmark's reference server (nginx-light) and load generator (wrk) from
-# Debian when missing; a no-op when both are on PATH.
+# Install the reference server (nginx-light) and the load generator (wrk) from Debian when
+# missing; a no-op when they are there. Arguments narrow the list: `ensure_tools.sh nginx
+# postgres` is what the test suite needs (nginx tests, PostgreSQL for lookup routes),
+# `make bench` needs nginx and wrk.
 set -euo pipefail
+declare -A package=([nginx]=nginx-light [wrk]=wrk [postgres]=postgresql)
+tools=("$@")
+[ ${#tools[@]} -gt 0 ] || tools=(nginx wrk)
 missing=()
-command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+for tool in "${tools[@]}"; do
+  [ -n "${package[$tool]:-}" ] || { echo "ensure_tools: unknown tool '$tool'" >&2; exit 2; }
+  # nginx lives in /usr/sbin, which is not on every user's PATH.
+  if [ "$tool" = postgres ]; then  # Debian keeps the server binaries off PATH
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null \
+      || missing+=("${package[$tool]}")
+    continue
+  fi
+  PATH="$PATH:/usr/sbin:/usr/local/sbin" command -v "$tool" >/dev/null 2>&1 \
+    || missing+=("${package[$tool]}")
+done
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -212,7 +212,7 @@ RULES: list[tuple[object, str]] = [
     (with_(server={"prot": 1}), "server.prot: unknown key (did you mean 'port'?)"),
     (with_(admin={"tokn_env": "X"}), "admin.tokn_env: unknown key (did you mean 'token_env'?)"),
     (with_(extra=1), "extra: unknown key"),
-    (with_(database={}), "database: unknown key"),
+    (with_(database={}), "database.dsn_env: exactly one of dsn, dsn_env is required"),
     (with_(upstream={}), "upstream: unknown key"),
     (with_(source="x.yaml"), "source: unknown key"),
     (
@@ -399,7 +399,10 @@ RULES: list[tuple[object, str]] = [
         ),
         "routes[1].prefix: never matched: routes[0] prefix '/m/' comes first",
     ),
-    (with_(routes=[{"prefix": "/m/"}]), "routes[0].storage: required key missing"),
+    (
+        with_(routes=[{"prefix": "/m/"}]),
+        "routes[0].storage: exactly one of storage, lookup is required",
+    ),
     (with_(routes=[{"storage": "local"}]), "routes[0].prefix: required key missing"),
     (
         with_(routes=[{"prefix": "/m/", "storage": "archive"}]),
@@ -421,6 +424,127 @@ RULES: list[tuple[object, str]] = [
     ([], "(top level): expected a mapping, got a list"),
     ("media", "(top level): expected a mapping, got 'media'"),
     (None, "(top level): expected a mapping, the file is empty"),
+    # database, lookup routes, access control
+    (
+        with_(database={"dsn": "host=x", "dsn_env": "DB"}),
+        "database.dsn_env: exactly one of dsn, dsn_env is required",
+    ),
+    (
+        with_(database={"dsn_env": "DB", "pool_min": 5, "pool_max": 2}),
+        "database.pool_min: must not exceed pool_max (2), got 5",
+    ),
+    (
+        with_(database={"dsn_env": "1DB"}),
+        "database.dsn_env: expected an environment variable name, got '1DB'",
+    ),
+    (
+        with_(routes=[{"prefix": "/m/", "lookup": {"query": "SELECT 1 WHERE x = %(id)s"}}]),
+        "routes[0].lookup: needs the top-level database section",
+    ),
+    (
+        with_(
+            database={"dsn_env": "DB"},
+            routes=[{"prefix": "/m/", "storage": "local", "lookup": {"query": "q %(id)s"}}],
+        ),
+        "routes[0].storage: storage and lookup exclude each other",
+    ),
+    (
+        with_(database={"dsn_env": "DB"}, routes=[{"prefix": "/m/", "lookup": {"query": "q"}}]),
+        "routes[0].lookup.query: must use %(id)s",
+    ),
+    (
+        with_(
+            database={"dsn_env": "DB"},
+            routes=[{"prefix": "/m/", "lookup": {"query": "q %(id)s %(name)s"}}],
+        ),
+        "routes[0].lookup.query: unknown parameter %(name)s (use %(id)s, %(variant)s)",
+    ),
+    (
+        with_(
+            database={"dsn_env": "DB"},
+            routes=[{"prefix": "/m/", "lookup": {"query": "q %(id)s LIKE 'a%'"}}],
+        ),
+        "routes[0].lookup.query: a lone '%' (write '%%' for a literal percent sign)",
+    ),
+    (
+        with_(
+            database={"dsn_env": "DB"},
+            routes=[{"prefix": "/m/", "lookup": {"query": "q %(id)s", "serve_statuses": []}}],
+        ),
+        "routes[0].lookup.serve_statuses: at least one status is required",
+    ),
+    (
+        with_(routes=[{"prefix": "/m/", "storage": "local", "access": {"mode": "signed"}}]),
+        "routes[0].access.keys_env: signed access needs at least one key variable",
+    ),
+    (
+        with_(
+            routes=[
+                {
+                    "prefix": "/m/",
+                    "storage": "local",
+                    "access": {"mode": "signed", "keys_env": ["K", "2"]},
+                }
+            ]
+        ),
+        "routes[0].access.keys_env[1]: expected an environment variable name, got '2'",
+    ),
+    (
+        with_(routes=[{"prefix": "/m/", "storage": "local", "access": {"mode": "cookie"}}]),
+        "routes[0].access.mode: expected one of public, signed, trusted_header, got 'cookie'",
+    ),
+    (
+        with_(
+            routes=[
+                {
+                    "prefix": "/m/",
+                    "storage": "local",
+                    "access": {"mode": "trusted_header", "trusted_proxies": ["10.0.0.0/8", "nope"]},
+                }
+            ]
+        ),
+        "routes[0].access.trusted_proxies[1]: not an IP network, got 'nope'",
+    ),
+    (
+        with_(
+            routes=[
+                {
+                    "prefix": "/m/",
+                    "storage": "local",
+                    "access": {"mode": "trusted_header", "header": "X User"},
+                }
+            ]
+        ),
+        "routes[0].access.header: not a header name, got 'X User'",
+    ),
+    (
+        with_(
+            routes=[
+                {
+                    "prefix": "/m/",
+                    "storage": "local",
+                    "access": {
+                        "mode": "trusted_header",
+                        "allow_query": "SELECT 1 WHERE u = %(user)s",
+                    },
+                }
+            ]
+        ),
+        "routes[0].access.allow_query: needs the top-level database section",
+    ),
+    (
+        with_(
+            database={"dsn_env": "DB"},
+            routes=[
+                {
+                    "prefix": "/m/",
+                    "storage": "local",
+                    "access": {"mode": "public", "allow_query": "SELECT 1 WHERE u = %(user)s"},
+                }
+            ],
+        ),
+        "routes[0].access.allow_query: only used with mode: trusted_header",
+    ),
 ]
 
 
@@ -732,3 +856,30 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, reason: str) -> 
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.lines() == [f"{path}: (top level): {reason}"]
+
+
+def test_a_lookup_route_with_access_control_parses() -> None:
+    cfg = parse_config(
+        with_(
+            database={"dsn_env": "DATABASE_URL", "statement_timeout": "250ms", "pool_max": 4},
+            routes=[
+                {
+                    "prefix": "/api/media/",
+                    "lookup": {
+                        "query": "SELECT storage, key FROM media WHERE id = %(id)s"
+                        " AND variant IS NOT DISTINCT FROM %(variant)s AND note NOT LIKE '%%x'",
+                        "serve_statuses": ["ready", "published"],
+                        "cache_ttl": "10s",
+                    },
+                    "access": {"mode": "signed", "keys_env": ["KEY_NEW", "KEY_OLD"]},
+                },
+                {"prefix": "/media/", "storage": "local"},
+            ],
+        )
+    )
+    route = cfg.routes[0]
+    assert route.storage is None and route.lookup is not None
+    assert route.lookup.serve_statuses == ("ready", "published") and route.lookup.cache_ttl == 10
+    assert route.access.keys_env == ("KEY_NEW", "KEY_OLD")
+    assert cfg.database is not None and cfg.database.statement_timeout == 0.25
+    assert cfg.routes[1].access.mode == "public"

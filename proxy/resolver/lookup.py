@@ -1,0 +1,125 @@
+"""Media ids to storage keys through the database (SPEC §7), through a cache.
+
+A lookup route answers `/<prefix>/<id>` and `/<prefix>/<id>/<variant>`: its SQL query,
+written in the YAML with `%(id)s` and `%(variant)s`, is run with the values passed as
+parameters (never formatted into the text) and returns named columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple, Protocol
+
+from proxy.config import RouteConfig
+from proxy.errors import BadRequest, DatabaseUnavailable, NotFound, NotReady, StorageError
+from proxy.resolver.cache import LookupCache
+from proxy.resolver.path import confine_key
+
+REQUIRED_COLUMNS: Final = ("storage", "key")
+OPTIONAL_COLUMNS: Final = ("content_type", "visibility", "owner_id", "status", "filename")
+MAX_ID_LENGTH: Final = 256
+
+
+class MediaRow(NamedTuple):
+    """What the query said about one media id (and variant)."""
+
+    storage: str
+    key: str
+    content_type: str | None = None
+    visibility: str | None = None
+    owner_id: str | None = None
+    status: str | None = None
+    filename: str | None = None
+
+
+class Querier(Protocol):
+    """The part of the database lookups use (proxy.db.Database)."""
+
+    async def fetch_one(
+        self, query: str, params: Mapping[str, object], *, label: str
+    ) -> dict[str, object] | None: ...
+
+    async def columns(self, query: str, params: Mapping[str, object]) -> list[str]: ...
+
+
+def split_id(key: str) -> tuple[str, str | None]:
+    """`<id>` or `<id>/<variant>` (already percent-decoded and confined); else 400/404."""
+    media_id, _, variant = key.partition("/")
+    if "/" in variant:
+        raise NotFound("too many path segments for a media id")
+    if len(media_id) > MAX_ID_LENGTH or len(variant) > MAX_ID_LENGTH:
+        raise BadRequest("media id too long")
+    return media_id, variant or None
+
+
+def check_columns(columns: list[str]) -> list[str]:
+    """Problems with the columns a lookup query returns (empty when fine)."""
+    problems = [f"missing column {name!r}" for name in REQUIRED_COLUMNS if name not in columns]
+    known = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+    problems += [
+        f"unknown column {name!r} (known: {', '.join(known)})"
+        for name in columns
+        if name not in known
+    ]
+    return problems
+
+
+class LookupResolver:
+    """Resolve ids of one lookup route: cache, then the database."""
+
+    def __init__(self, route: RouteConfig, db: Querier, storages: Mapping[str, Any]) -> None:
+        assert route.lookup is not None
+        self.route = route
+        self._lookup = route.lookup
+        self._db = db
+        self._storages = storages
+        self._statuses = frozenset(route.lookup.serve_statuses)
+        self.cache: LookupCache[tuple[str, str | None], MediaRow] = LookupCache(
+            ttl=route.lookup.cache_ttl,
+            negative_ttl=route.lookup.negative_ttl,
+            max_entries=route.lookup.cache_max_entries,
+            stale_if_error=route.lookup.stale_if_error,
+            unavailable=DatabaseUnavailable,
+        )
+        self.checked = False
+
+    async def check(self) -> list[str]:
+        """Ask the database which columns the query returns; problems, or [] when fine."""
+        columns = await self._db.columns(self._lookup.query, {"id": "", "variant": None})
+        self.checked = True
+        return check_columns(columns)
+
+    async def resolve(self, media_id: str, variant: str | None) -> MediaRow:
+        """The row for an id; NotFound (unknown), NotReady (status), DatabaseUnavailable."""
+        row = await self.cache.get((media_id, variant), lambda: self._load(media_id, variant))
+        if row is None:
+            raise NotFound("unknown media id")
+        if row.status is not None and row.status not in self._statuses:
+            raise NotReady(f"status {row.status!r}")
+        return row
+
+    async def _load(self, media_id: str, variant: str | None) -> MediaRow | None:
+        if not self.checked:  # the database was down at start-up: check on first use
+            if problems := await self.check():
+                raise StorageError(f"lookup query of {self.route.prefix}: {'; '.join(problems)}")
+        found = await self._db.fetch_one(
+            self._lookup.query, {"id": media_id, "variant": variant}, label=self.route.prefix
+        )
+        return None if found is None else self._row(found)
+
+    def _row(self, found: Mapping[str, object]) -> MediaRow:
+        """Validate a row: a known storage, a confined key, text columns."""
+        values = {k: found.get(k) for k in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
+        for name, value in values.items():
+            if value is not None and not isinstance(value, str):
+                values[name] = str(value)
+        storage, key = values["storage"], values["key"]
+        if storage not in self._storages:
+            raise StorageError(f"lookup returned unknown storage {storage!r}")
+        if not isinstance(key, str):
+            raise StorageError("lookup returned no key")
+        try:
+            confine_key(key.replace("%", "%25"))  # the row holds a plain key, not a URL
+        except (BadRequest, NotFound):
+            raise StorageError("lookup returned an invalid key") from None
+        return MediaRow(**values)  # type: ignore[arg-type]
