@@ -5,7 +5,10 @@ access mode, hostile ids, caching with single-flight, and a database that fails 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +17,10 @@ from urllib.parse import quote
 
 import orjson
 import pytest
+import yaml
 
 from proxy.signing import signed_url
-from tests.conftest import FILES, S3Server, SidecarProcess, make_config
+from tests.conftest import FILES, REPO, S3Server, SidecarProcess, make_config
 from tests.integration.httpclient import Reply, request
 from tests.integration.sidecars import error_lines, running_sidecar, stats, wait_for_stats
 from tests.pg import PgServer
@@ -34,6 +38,17 @@ SELECT v.storage, v.key, coalesce(v.content_type, m.content_type), m.visibility,
   FROM variants v JOIN media m ON m.id = v.media_id
  WHERE v.media_id = %(id)s AND v.variant = %(variant)s
 """
+
+
+# Takes 0.4 s for the id "slow" and 2 s for "too-slow" (past statement_timeout); any id
+# resolves to the row of m-one.
+_M_ONE = QUERY.replace("m.id = %(id)s", "m.id = 'm-one'").replace(
+    "v.media_id = %(id)s", "v.media_id = 'm-one'"
+)
+SLEEPY = (
+    "SELECT q.* FROM (SELECT pg_sleep(CASE %(id)s WHEN 'slow' THEN 0.4"
+    " WHEN 'too-slow' THEN 2 ELSE 0 END)) AS z, LATERAL (" + _M_ONE + ") AS q"
+)
 
 
 def lookup_route(
@@ -81,6 +96,7 @@ def sidecar(
         lookup_route("/nocache/", "nocache", cache_ttl=0),
         lookup_route("/single/", "single-flight"),
         lookup_route("/short/", "short-ttl", cache_ttl="300ms", stale_if_error="60s"),
+        {"prefix": "/sleepy/", "lookup": {"query": SLEEPY, "cache_ttl": 0}},
         *config["routes"],
     ]
     env = {DSN_ENV: pg_server.dsn, "TEST_KEY_NEW": KEY_NEW, "TEST_KEY_OLD": KEY_OLD}
@@ -249,6 +265,7 @@ def test_stats_have_a_database_section(sidecar: SidecarProcess) -> None:
         "/nocache/",
         "/single/",
         "/short/",
+        "/sleepy/",
     }
     detail = request(sidecar.admin_port, "GET", "/health/detailed")
     body = orjson.loads(detail.body)
@@ -329,3 +346,60 @@ def test_pool_exhaustion_answers_every_request_within_acquire_timeout(
         assert after["database"]["size"] <= 2
         print("DEBUG", statuses, after["database"])
         assert after["database"]["acquire_timeouts"] >= 1
+
+
+def test_statement_timeout_is_a_fast_503_and_the_pool_survives(sidecar: SidecarProcess) -> None:
+    before = stats(sidecar)["database"]
+    started = time.monotonic()
+    reply = get(sidecar, "/sleepy/too-slow")
+    elapsed = time.monotonic() - started
+    assert reply.status == 503 and error_of(reply) == {"error": "database_timeout"}
+    assert 0.4 < elapsed < 1.5, elapsed  # statement_timeout 500 ms, enforced by the server
+    after = wait_for_stats(sidecar, lambda s: s["database"]["in_use"] == 0, 5, "pool idle")
+    assert after["database"]["timeouts"] == before["timeouts"] + 1
+    assert get(sidecar, "/sleepy/fast").status == 200  # the pool still works
+
+
+def test_a_connection_held_past_leak_threshold_is_listed(sidecar: SidecarProcess) -> None:
+    async def slow_request_and_watch() -> tuple[int, list[Any]]:
+        async def slow() -> int:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+            writer.write(b"GET /sleepy/slow HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            return int(data.split(b" ", 2)[1])
+
+        task = asyncio.create_task(slow())
+        await asyncio.sleep(0.3)  # past leak_threshold (200 ms), before the 0.4 s query ends
+        leaks = await asyncio.to_thread(lambda: stats(sidecar)["database"]["leaks"])
+        return await task, leaks
+
+    status, leaks = asyncio.run(slow_request_and_watch())
+    assert status == 200
+    assert [leak["label"] for leak in leaks] == ["/sleepy/"], leaks
+    assert 0.2 < leaks[0]["age_s"] < 1.0
+    assert wait_for_stats(sidecar, lambda s: not s["database"]["leaks"], 5, "no leak")
+
+
+def test_a_query_without_the_required_columns_refuses_to_start(
+    tmp_path: Path, media_root: Path, s3_server: S3Server, pg_server: PgServer
+) -> None:
+    config = make_config(media_root, s3_server.endpoint, database={"dsn_env": DSN_ENV})
+    del config["storages"]["uploads"]
+    config["routes"] = [
+        {"prefix": "/bad/", "lookup": {"query": "SELECT storage, key AS path, owner FROM "
+                                       "(SELECT 'local' AS storage, 'k' AS key, 'x' AS owner) t "
+                                       "WHERE %(id)s IS NOT NULL"}},
+    ]  # fmt: skip
+    (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(tmp_path / "sidecar.yaml")],
+        cwd=REPO,
+        env=dict(os.environ, **{DSN_ENV: pg_server.dsn}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "route /bad/" in done.stderr and "missing column 'key'" in done.stderr
+    assert "unknown column 'path'" in done.stderr and "unknown column 'owner'" in done.stderr
