@@ -10,6 +10,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ _PORT: Final = {"min": 0, "max": 65535}  # 0 = any free port (README; tests and 
 _STORAGE_KEYS: Final = {
     "keys": (re.compile(r"[A-Za-z0-9_-]+"), "storage names use letters, digits, '-' and '_'"),
     "nonempty": "at least one storage is required",
+}
+_UPSTREAM_KEYS: Final = {
+    "keys": (re.compile(r"[A-Za-z0-9_-]+"), "upstream names use letters, digits, '-' and '_'")
 }
 _BY_TYPE_KEYS: Final = {"keys": (re.compile(r".+", re.S), "expected a Content-Type prefix")}
 
@@ -146,6 +150,18 @@ StorageConfig = DiskStorageConfig | S3StorageConfig  # chosen by the required `t
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    """The existing backend that `upstream` routes forward to (SPEC §8)."""
+
+    name: str = field(metadata={"internal": True})
+    url: str  # http://host:port of the backend; the request's path and query are appended
+    connect_timeout: float = field(default=2.0, metadata={"positive": True})
+    response_timeout: float = field(default=30.0, metadata={"positive": True})  # to headers
+    max_connections: int = field(default=64, metadata={"min": 1})  # keep-alive pool bound
+    max_body_size: int = field(default=10 << 20, metadata={"size": True})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DatabaseConfig:
     """The PostgreSQL database lookup routes query (one pool for the process)."""
 
@@ -192,6 +208,8 @@ class RouteConfig:
     prefix: str
     storage: str | None = None
     lookup: LookupConfig | None = None
+    upstream: str | None = None  # forward to this backend (X-Accel-Redirect honoured)
+    internal: bool = False  # 404 to clients; reachable through X-Accel-Redirect only
     access: AccessConfig = field(default_factory=AccessConfig)
     cache_control: str | None = None
 
@@ -215,6 +233,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     storages: Mapping[str, StorageConfig] = field(metadata=_STORAGE_KEYS)
+    upstreams: Mapping[str, UpstreamConfig] = field(
+        default_factory=lambda: types.MappingProxyType({}), metadata=_UPSTREAM_KEYS
+    )
     routes: tuple[RouteConfig, ...] = field(metadata={"nonempty": "at least one route is required"})
     database: DatabaseConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -271,6 +292,8 @@ def parse_config(data: object, source: str = "<config>") -> Config:
         raise ConfigError(source, [("(top level)", "expected a mapping, the file is empty")])
     declared = data.get("storages") if isinstance(data, dict) else None
     problems = _Problems(sorted(map(str, declared)) if isinstance(declared, dict) else [])
+    upstreams = data.get("upstreams") if isinstance(data, dict) else None
+    problems.upstreams = sorted(map(str, upstreams)) if isinstance(upstreams, dict) else []
     cfg = _build(Config, data, "", problems, {"source": source})
     if problems or not isinstance(cfg, Config):
         raise ConfigError(source, problems)
@@ -285,6 +308,7 @@ class _Problems(list[tuple[str, str]]):
         self.storages = storages  # every name under `storages:`, valid or not
         self.prefixes: list[tuple[str, str]] = []  # (route path, prefix) seen so far
         self.needs_database: list[str] = []  # paths of route parts that query the database
+        self.upstreams: list[str] = []  # every name under `upstreams:`
 
     def add(self, path: str, reason: str) -> None:
         """Record one problem."""
@@ -460,14 +484,21 @@ def _check_route(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _
     if storage is not None and storage not in problems.storages:
         defined = ", ".join(problems.storages) or "none"
         problems.add(_join(path, "storage"), f"unknown storage {storage!r} (defined: {defined})")
-    given = [k for k in ("storage", "lookup") if data.get(k) is not None]
+    given = [k for k in ("storage", "lookup", "upstream") if data.get(k) is not None]
     if len(given) != 1:
         reason = (
-            "exactly one of storage, lookup is required"
+            "exactly one of storage, lookup, upstream is required"
             if not given
-            else ("storage and lookup exclude each other")
+            else f"{' and '.join(given)} exclude each other"
         )
         problems.add(_join(path, "storage"), reason)
+    upstream = v.get("upstream")
+    if upstream is not None and upstream not in problems.upstreams:
+        defined = ", ".join(problems.upstreams) or "none"
+        problems.add(_join(path, "upstream"), f"unknown upstream {upstream!r} (defined: {defined})")
+    if v.get("internal") and upstream is not None:
+        problems.add(_join(path, "internal"), "an upstream route cannot be internal")
+
     if data.get("lookup") is not None:
         problems.needs_database.append(_join(path, "lookup"))
     access = v.get("access")
@@ -536,6 +567,22 @@ def _check_database(
         problems.add(_join(path, "pool_min"), f"must not exceed pool_max ({hi}), got {lo}")
 
 
+def _check_upstream(
+    v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems
+) -> None:
+    """Check an upstream: an http(s) URL with a host, no query, no clash with a storage."""
+    url = v.get("url")
+    if isinstance(url, str):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.add(_join(path, "url"), f"expected http://host:port, got {url!r}")
+        elif parts.query or parts.fragment:
+            problems.add(_join(path, "url"), "must not have a query or fragment")
+    name = path.rsplit(".", 1)[-1]
+    if name in problems.storages:
+        problems.add(path, f"{name!r} is also a storage name: names are shared in /stats")
+
+
 def _check_config(v: dict[str, Any], data: dict[Any, Any], path: str, problems: _Problems) -> None:
     """Check across sections: a database for lookups; listeners on distinct addresses."""
     if data.get("database") is None:
@@ -561,6 +608,7 @@ _CHECKS: Final[dict[type[Any], _Check]] = {
     LookupConfig: _check_lookup,
     AccessConfig: _check_access,
     DatabaseConfig: _check_database,
+    UpstreamConfig: _check_upstream,
     Config: _check_config,
 }
 

@@ -118,3 +118,22 @@ class DatabaseTimeout(DatabaseUnavailable):
     """The server cancelled a query at statement_timeout (pitfalls P8)."""
 
     code = "database_timeout"
+
+
+class UpstreamUnavailable(StorageError):
+    """The backend of an upstream route refused or dropped the connection."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(StorageTimeout):
+    """The backend sent no response headers within response_timeout."""
+
+    code = "upstream_timeout"
+
+
+class RequestTooLarge(ProxyError):
+    """A request body over the upstream's max_body_size."""
+
+    status = 413
+    code = "request_too_large"

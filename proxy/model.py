@@ -85,11 +85,36 @@ class FileBody:
                 self._on_close()
 
 
-class Storage(Protocol):
-    """A place objects are read from: a disk directory or an S3 bucket."""
+class Source(Protocol):
+    """Anything bytes come from, as /stats and /health see it: a storage or an upstream."""
 
     name: str
     kind: str
+
+    def in_use(self) -> int:
+        """Upstream resources held by open bodies now (S3 connections, open files)."""
+        ...
+
+    def idle(self) -> int:
+        """Upstream resources kept for reuse (S3 keep-alive connections, cached descriptors)."""
+        ...
+
+    def figures(self) -> dict[str, int]:
+        """Counters of this kind of source for /stats (S3: detach and resume counts)."""
+        ...
+
+    async def probe(self) -> None:
+        """Check it is reachable (root readable, bucket answers); raise StorageError."""
+        ...
+
+    async def close(self) -> None:
+        """Release clients and pools."""
+        ...
+
+
+class Storage(Source, Protocol):
+    """A place objects are read from: a disk directory or an S3 bucket."""
+
     # True when stat/open never wait on the network (disk): a timeout cannot interrupt
     # them anyway, so the first-byte timer is skipped on the hot path.
     inline_io: bool
@@ -104,24 +129,4 @@ class Storage(Protocol):
 
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small byte range whole (at most `limits.chunk_size` bytes)."""
-        ...
-
-    def in_use(self) -> int:
-        """Upstream resources held by open bodies now (S3 connections, open files)."""
-        ...
-
-    def idle(self) -> int:
-        """Upstream resources kept for reuse (S3 keep-alive connections, cached descriptors)."""
-        ...
-
-    def figures(self) -> dict[str, int]:
-        """Counters of this kind of storage for /stats (S3: detach and resume counts)."""
-        ...
-
-    async def probe(self) -> None:
-        """Check the storage is reachable (root readable, bucket answers); raise StorageError."""
-        ...
-
-    async def close(self) -> None:
-        """Release clients and pools."""
         ...

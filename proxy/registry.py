@@ -185,6 +185,8 @@ class Registry:
     def attach(self, tracked: Tracked, storage: str, key: str, byte_range: str | None) -> None:
         """Name the storage and key a request reads (it now counts for that storage)."""
         figures = self.storages[storage]
+        if tracked.storage is not None:  # re-attached (X-Accel-Redirect): leave the first
+            tracked.storage.active -= 1
         figures.active += 1
         figures.total += 1
         tracked.storage = figures

@@ -40,19 +40,19 @@ async def pump(
     request: web.BaseRequest,
     writer: AbstractStreamWriter,
     body: Body,
-    length: int,
+    length: int | None,
     tracked: Tracked,
     *,
     chunk_size: int,
     idle_timeout_s: float,
     deadline: float | None = None,
 ) -> None:
-    """Send exactly `length` bytes of `body` (closed by the caller).
+    """Send exactly `length` bytes of `body` (closed by the caller), or all of it if None.
 
     `writer` is what `StreamResponse.prepare` returned; `deadline` is an absolute
     `loop.time()` (max_duration) or None; progress is counted on `tracked`.
     """
-    if length <= 0:
+    if length is not None and length <= 0:
         return
     loop = asyncio.get_running_loop()
     if isinstance(body, FileBody) and sendfile_supported(loop):
@@ -74,7 +74,7 @@ async def _copy(
     request: web.BaseRequest,
     writer: AbstractStreamWriter,
     body: Body,
-    length: int,
+    length: int | None,
     tracked: Tracked,
     chunk_size: int,
     idle_s: float,
@@ -91,10 +91,12 @@ async def _copy(
     floor = min(MIN_CHUNK, chunk_size)
     chunk = chunk_size
     async with asyncio.timeout(None) as timer:
-        while sent < length:
+        while length is None or sent < length:
             timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
-            data = await body.read(min(chunk, length - sent))
+            data = await body.read(chunk if length is None else min(chunk, length - sent))
             if not data:
+                if length is None:  # a body of unknown length (chunked upstream) ended
+                    return
                 raise StorageError(f"body ended after {sent} of {length} bytes")
             await writer.write(data)
             # A queued remainder means the client is slower than the storage: read less.

@@ -29,11 +29,19 @@ class PathResolver:
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         self._routes = tuple(routes)
 
-    def resolve(self, raw_path: str) -> Resolved:
-        """Resolve a raw (still percent-encoded) request target; raise NotFound or BadRequest."""
+    def resolve(self, raw_path: str, *, internal: bool = False) -> Resolved:
+        """Resolve a raw (still percent-encoded) request target; raise NotFound or BadRequest.
+
+        Routes marked `internal` exist only for X-Accel-Redirect (`internal=True`); to a
+        client they are 404, and so is an internal redirect to a public route.
+        """
         path = raw_path.split("?", 1)[0]
         for route in self._routes:
             if path.startswith(route.prefix):
+                if route.internal != internal:
+                    raise NotFound("internal route" if route.internal else "not internal")
+                if route.upstream is not None:  # the backend sees the path as sent
+                    return Resolved(route, path)
                 return Resolved(route, confine_key(path[len(route.prefix) :]))
         raise NotFound("no route")
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy.db import Database
 from proxy.errors import ProxyError
-from proxy.model import Storage
+from proxy.model import Source
 from proxy.registry import OUTCOMES, Registry
 from proxy.resolver.lookup import LookupResolver
 
@@ -38,7 +38,7 @@ class AdminView:
     def __init__(
         self,
         registry: Registry,
-        storages: Mapping[str, Storage],
+        storages: Mapping[str, Source],
         *,
         token: str | None,
         is_draining: Callable[[], bool] = lambda: False,

@@ -26,6 +26,7 @@ from proxy.registry import Registry
 from proxy.signing import load_keys
 from proxy.storage.disk import DiskStorage
 from proxy.storage.s3 import S3Storage
+from proxy.upstream import Upstream
 from proxy.web.admin import AdminView, create_admin_app
 from proxy.web.media import REQUEST_ID, TRACKED, MediaHandler
 from proxy.web.memory import trim_after_bursts
@@ -50,8 +51,9 @@ class Sidecar:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.storages: dict[str, Storage] = {}
+        self.upstreams: dict[str, Upstream] = {}
         self.registry = Registry(
-            list(cfg.storages),
+            [*cfg.storages, *cfg.upstreams],
             max_streams=cfg.limits.max_streams,
             max_per_client=cfg.limits.max_streams_per_client,
         )
@@ -71,6 +73,11 @@ class Sidecar:
         try:
             token = _admin_token(cfg)
             self.storages = await self._open_storages(cfg, {})
+            for name, ucfg in cfg.upstreams.items():
+                upstream = Upstream(ucfg)
+                await upstream.start()
+                self._stack.push_async_callback(upstream.close)
+                self.upstreams[name] = upstream
             if cfg.database is not None:
                 self.database = Database(cfg.database, dsn=_database_dsn(cfg))
                 await self.database.start()  # a database that is down is not fatal: 503s
@@ -92,7 +99,7 @@ class Sidecar:
             )
             self._view = AdminView(
                 self.registry,
-                self.storages,
+                {**self.storages, **self.upstreams},
                 token=token,
                 is_draining=lambda: self.draining,
                 database=self.database,
@@ -135,14 +142,14 @@ class Sidecar:
                     await storage.close()
             raise
         self.registry.reconfigure(
-            list(cfg.storages),
+            [*cfg.storages, *cfg.upstreams],
             max_streams=cfg.limits.max_streams,
             max_per_client=cfg.limits.max_streams_per_client,
         )
         self._media_handler = handler
         self.storages = storages
         if self._view is not None:
-            self._view.storages = storages
+            self._view.storages = {**storages, **self.upstreams}
         self.cfg = cfg
         retired = [s for name, s in old_storages.items() if storages.get(name) is not s]
         if retired:
@@ -157,7 +164,12 @@ class Sidecar:
         keys = dict(zip(names, load_keys(names, os.environ), strict=True)) if names else {}
         if cfg.database is not None and self.database is None:
             raise ProxyError("database: added by a reload; restart to apply")
-        handler = MediaHandler(cfg, storages, self.registry, db=self.database, keys=keys)
+        unknown = {r.upstream for r in cfg.routes if r.upstream} - set(self.upstreams)
+        if unknown:
+            raise ProxyError(f"upstreams: {', '.join(sorted(unknown))} added by a reload; restart")
+        handler = MediaHandler(
+            cfg, storages, self.registry, db=self.database, keys=keys, upstreams=self.upstreams
+        )
         for prefix, lookup in handler.lookups.items():
             try:
                 problems = await lookup.check()
@@ -257,6 +269,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("admin")
     if old.database != new.database:
         changed.append("database")
+    if old.upstreams != new.upstreams:
+        changed.append("upstreams")
     if old.logging.access_log != new.logging.access_log:
         changed.append("logging.access_log")
     return changed

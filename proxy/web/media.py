@@ -44,6 +44,14 @@ from proxy.registry import (
 from proxy.resolver.lookup import LookupResolver, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
 from proxy.stream import pump
+from proxy.upstream import Upstream, UpstreamBody
+from proxy.web.forward import (
+    AccelRedirect,
+    accel_redirect,
+    request_body,
+    request_headers,
+    response_headers,
+)
 
 log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
@@ -99,9 +107,11 @@ class MediaHandler:
         *,
         db: Querier | None = None,
         keys: Mapping[str, bytes] | None = None,
+        upstreams: Mapping[str, Upstream] | None = None,
     ) -> None:
         self._cfg = cfg
         self._storages = storages
+        self._upstreams = upstreams or {}
         self._registry = registry
         # Per route prefix: the lookup of id routes, the access rule of non-public routes.
         self.lookups: dict[str, LookupResolver] = {}
@@ -178,13 +188,23 @@ class MediaHandler:
         self, request: web.BaseRequest, tracked: Tracked, rid: str
     ) -> web.StreamResponse:
         try:
-            if request.method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(request.method)
             resolved = self._resolver.resolve(request.raw_path)
+            method, overrides = request.method, None
+            if resolved.route.upstream is not None:
+                forwarded = await self._proxy(request, resolved, tracked)
+                if not isinstance(forwarded, AccelRedirect):
+                    return forwarded
+                # nginx's contract: serve the internal location with the client's own Range
+                # and conditionals, as a GET (or HEAD), keeping some backend headers.
+                resolved = self._resolver.resolve(forwarded.target, internal=True)
+                method = "HEAD" if method == "HEAD" else "GET"
+                overrides = forwarded.overrides
+            elif method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(method)
             try:
-                return await self._serve(request, resolved, tracked)
+                return await self._serve(request, resolved, tracked, method, overrides)
             except ObjectChanged:  # replaced between stat and open: decide again, once
-                return await self._serve(request, resolved, tracked)
+                return await self._serve(request, resolved, tracked, method, overrides)
         except ProxyError as exc:
             extra = {"Allow": ALLOW} if isinstance(exc, MethodNotAllowed) else None
             if exc.status >= 500:
@@ -227,8 +247,52 @@ class MediaHandler:
         outcome = COMPLETED if status < 500 else TIMED_OUT if status == 504 else FAILED
         self._registry.finish(tracked, outcome, status)
 
-    async def _serve(
+    async def _proxy(
         self, request: web.BaseRequest, resolved: Resolved, tracked: Tracked
+    ) -> web.StreamResponse | AccelRedirect:
+        """Forward to the backend; stream its answer, or return its X-Accel-Redirect."""
+        upstream = self._upstreams[resolved.route.upstream or ""]
+        self._registry.attach(tracked, upstream.name, resolved.key, request.headers.get("Range"))
+        backend = await upstream.send(
+            request.method,
+            request.raw_path,
+            request_headers(request, tracked.request_id),
+            request_body(request, upstream.max_body_size),
+        )
+        source = UpstreamBody(backend, upstream.name)
+        try:
+            redirect = accel_redirect(backend.headers)
+            if redirect is not None:
+                return redirect  # the backend's body is dropped by close() below
+            headers = response_headers(backend.headers, tracked.request_id)
+            status = backend.status
+            if request.method == "HEAD" or status in (204, 304) or status < 200:
+                resp = web.Response(status=status, reason=backend.reason, headers=headers)
+                declared = backend.headers.get("Content-Length")
+                if declared is not None and request.method == "HEAD":
+                    resp.headers["Content-Length"] = declared
+                return resp
+            out = web.StreamResponse(status=status, reason=backend.reason, headers=headers)
+            length = backend.content_length
+            if length is not None:
+                out.content_length = length
+            else:
+                out.enable_chunked_encoding()
+            writer = await self._start(request, out, tracked, length or 0)
+            timeouts = self._timeouts_for(backend.headers.get("Content-Type", ""))
+            if await self._stream(request, out, writer, source, length, tracked, timeouts):
+                await self._complete(request, out, tracked)
+            return out
+        finally:
+            source.close()
+
+    async def _serve(
+        self,
+        request: web.BaseRequest,
+        resolved: Resolved,
+        tracked: Tracked,
+        method: str,
+        overrides: list[tuple[str, str]] | None = None,
     ) -> web.StreamResponse:
         route = resolved.route
         row = None
@@ -251,7 +315,7 @@ class MediaHandler:
         storage = self._storages[storage_name]
         self._registry.attach(tracked, storage_name, key, request.headers.get("Range"))
         meta = await _timed(storage, storage.stat(key), self._first_byte_s)
-        decision = decide(request.method, meta, request.headers)
+        decision = decide(method, meta, request.headers)
 
         headers = {"ETag": meta.etag, "X-Request-ID": tracked.request_id, "Accept-Ranges": "bytes"}
         if meta.last_modified is not None:
@@ -260,6 +324,12 @@ class MediaHandler:
             headers["Cache-Control"] = route.cache_control
         if row is not None and row.filename:
             headers["Content-Disposition"] = content_disposition(row.filename)
+        forced_type = None
+        for name, value in overrides or ():  # the backend's headers win (X-Accel-Redirect)
+            if name == "Content-Type":
+                forced_type = value
+            else:
+                headers[name] = value
         status = decision.status
         if status == 304:
             return web.Response(status=304, headers=headers)
@@ -269,7 +339,12 @@ class MediaHandler:
             headers["Content-Range"] = unsatisfied_content_range(meta.size)
             return _json(416, "range_not_satisfiable", headers)
 
-        ctype = (row.content_type if row else None) or meta.content_type or guess_type(key)
+        ctype = (
+            forced_type
+            or (row.content_type if row else None)
+            or meta.content_type
+            or guess_type(key)
+        )
         headers["X-Content-Type-Options"] = "nosniff"
         ranges = decision.ranges if status == 206 else _whole(meta.size)
         timeouts = self._timeouts_for(ctype)
@@ -279,7 +354,7 @@ class MediaHandler:
             headers["Content-Range"] = content_range(ranges[0], meta.size)
         headers["Content-Type"] = ctype
         length = ranges[0].length if ranges else 0
-        if request.method == "HEAD" or length == 0:
+        if method == "HEAD" or length == 0:
             headers["Content-Length"] = str(length)
             return web.Response(status=status, headers=headers)
 
@@ -328,7 +403,8 @@ class MediaHandler:
             _abort(request, resp)
             self._end(tracked, CLIENT_DISCONNECTED)
             return
-        self._end(tracked, COMPLETED, resp.status)
+        # A backend's 5xx passed through is a failure too (SPEC §4: completed is below 500).
+        self._end(tracked, COMPLETED if resp.status < 500 else FAILED, resp.status)
 
     def _end(self, tracked: Tracked, outcome: str, status: int | None = None) -> None:
         if self._registry.finish(tracked, outcome, status):
@@ -346,7 +422,7 @@ class MediaHandler:
         resp: web.StreamResponse,
         writer: AbstractStreamWriter,
         body: Body,
-        length: int,
+        length: int | None,
         tracked: Tracked,
         timeouts: EffectiveTimeouts,
     ) -> bool:

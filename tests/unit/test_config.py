@@ -213,7 +213,7 @@ RULES: list[tuple[object, str]] = [
     (with_(admin={"tokn_env": "X"}), "admin.tokn_env: unknown key (did you mean 'token_env'?)"),
     (with_(extra=1), "extra: unknown key"),
     (with_(database={}), "database.dsn_env: exactly one of dsn, dsn_env is required"),
-    (with_(upstream={}), "upstream: unknown key"),
+    (with_(upstream={}), "upstream: unknown key (did you mean 'upstreams'?)"),
     (with_(source="x.yaml"), "source: unknown key"),
     (
         with_(storages={"local": {"type": "disk", "root": ".", "name": "x"}}),
@@ -401,7 +401,7 @@ RULES: list[tuple[object, str]] = [
     ),
     (
         with_(routes=[{"prefix": "/m/"}]),
-        "routes[0].storage: exactly one of storage, lookup is required",
+        "routes[0].storage: exactly one of storage, lookup, upstream is required",
     ),
     (with_(routes=[{"storage": "local"}]), "routes[0].prefix: required key missing"),
     (
@@ -424,6 +424,38 @@ RULES: list[tuple[object, str]] = [
     ([], "(top level): expected a mapping, got a list"),
     ("media", "(top level): expected a mapping, got 'media'"),
     (None, "(top level): expected a mapping, the file is empty"),
+    # upstreams
+    (
+        with_(upstreams={"app": {"url": "ftp://x"}}),
+        "upstreams.app.url: expected http://host:port, got 'ftp://x'",
+    ),
+    (
+        with_(upstreams={"app": {"url": "http://x:1/?a=1"}}),
+        "upstreams.app.url: must not have a query or fragment",
+    ),
+    (
+        with_(upstreams={"local": {"url": "http://x:1"}}),
+        "upstreams.local: 'local' is also a storage name: names are shared in /stats",
+    ),
+    (
+        with_(routes=[{"prefix": "/a/", "upstream": "app"}]),
+        "routes[0].upstream: unknown upstream 'app' (defined: none)",
+    ),
+    (
+        with_(
+            upstreams={"app": {"url": "http://x:1"}},
+            routes=[{"prefix": "/a/", "upstream": "app", "storage": "local"}],
+        ),
+        "routes[0].storage: storage and upstream exclude each other",
+    ),
+    (
+        with_(
+            upstreams={"app": {"url": "http://x:1"}},
+            routes=[{"prefix": "/a/", "upstream": "app", "internal": True}],
+        ),
+        "routes[0].internal: an upstream route cannot be internal",
+    ),
+    (with_(upstreams={"app": {}}), "upstreams.app.url: required key missing"),
     # database, lookup routes, access control
     (
         with_(database={"dsn": "host=x", "dsn_env": "DB"}),
