@@ -89,7 +89,7 @@ async def _copy(
     transport.set_write_buffer_limits(high=0)
     sent = 0
     floor = min(MIN_CHUNK, chunk_size)
-    chunk = chunk_size
+    chunk = floor  # grows while the client keeps up: one that never reads costs one small chunk
     async with asyncio.timeout(None) as timer:
         while length is None or sent < length:
             timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
@@ -98,15 +98,17 @@ async def _copy(
                 if length is None:  # a body of unknown length (chunked upstream) ended
                     return
                 raise StorageError(f"body ended after {sent} of {length} bytes")
+            n = len(data)
             await writer.write(data)
+            del data  # the transport keeps what it could not send: do not hold it twice
             # A queued remainder means the client is slower than the storage: read less.
             if transport.get_write_buffer_size():
                 chunk = max(chunk // 2, floor)
                 await writer.drain()
             elif chunk < chunk_size:
                 chunk = min(chunk * 2, chunk_size)
-            sent += len(data)
-            tracked.sent(len(data))
+            sent += n
+            tracked.sent(n)
 
 
 async def _sendfile(

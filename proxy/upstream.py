@@ -13,9 +13,16 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from proxy.config import UpstreamConfig
-from proxy.errors import StorageError, StorageTimeout, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import (
+    RequestTooLarge,
+    StorageError,
+    StorageTimeout,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP: Final = frozenset(
@@ -51,6 +58,18 @@ def _all(headers: Mapping[str, str], name: str) -> list[str]:
         return list(getall(name, []))
     value = headers.get(name)
     return [value] if value is not None else []
+
+
+def _cause(exc: BaseException, kind: type[RequestTooLarge]) -> RequestTooLarge | None:
+    """The first `kind` in an exception's cause/context chain."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class UpstreamBody:
@@ -107,7 +126,8 @@ class Upstream:
                 sock_connect=cfg.connect_timeout,
             ),
             auto_decompress=False,  # bytes pass through as the backend encoded them
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            # Only the client's headers go on: nothing of aiohttp's own making.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
 
     async def send(
@@ -119,11 +139,14 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send one request; the response headers within response_timeout, or 502/504."""
         assert self._session is not None
+        # One spelling per name: aiohttp keeps only the last of `X-A`, `x-a` (case-sensitive
+        # bookkeeping), which would drop repeated headers sent in mixed case.
+        headers = [(k.title(), v) for k, v in headers]
         try:
             async with asyncio.timeout(self.cfg.response_timeout):
                 return await self._session.request(
                     method,
-                    self.base + target,
+                    URL(self.base + target, encoded=True),  # the target exactly as sent
                     headers=headers,
                     data=body,
                     allow_redirects=False,
@@ -135,6 +158,9 @@ class Upstream:
                 "backend sent no response headers in time", storage=self.name
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
+            too_large = _cause(exc, RequestTooLarge)  # raised by the body stream, wrapped
+            if too_large is not None:
+                raise too_large from None
             raise UpstreamUnavailable(f"backend unreachable: {exc}", storage=self.name) from exc
 
     def in_use(self) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import contextlib
+import ctypes
 import os
 from typing import Any, Final
 
@@ -27,6 +29,9 @@ _GENERIC_TYPES: Final = frozenset({"", "binary/octet-stream"})
 _NOT_FOUND_CODES: Final = frozenset({"404", "NoSuchKey", "NotFound"})
 _CHANGED_CODES: Final = frozenset({"412", "PreconditionFailed"})
 _POOL_HEADROOM: Final = 16
+_SELECTOR_TRANSPORT: Final[type[Any]] = getattr(
+    asyncio.selector_events, "_SelectorSocketTransport", type(None)
+)
 # aiohttp's client reader buffers up to 2x this before pausing the socket (256 KiB by
 # default: ~730 KiB RSS per stalled stream here, pitfalls P12). Each read(n) raises the
 # mark to n, so a reading client keeps its own chunk size: 16 KiB measured as fast as the
@@ -35,6 +40,20 @@ READ_BUFSIZE: Final = 16 * 1024
 # A client that has not asked for the next chunk for this long is not draining: give the
 # S3 connection back and re-GET the rest when it asks again (pitfalls P12, detach-on-stall).
 DETACH_AFTER_S: Final = 0.1
+# One recv() of an asyncio socket transport takes up to 256 KiB (`max_size`), whatever
+# READ_BUFSIZE says: ~300 KiB per attached stream while 200 of them start at once (P12).
+SOCKET_READ_MAX: Final = 32 * 1024
+# Each resume doubles that body's delay up to this cap: a steady slow reader (one write
+# every 0.25 s at 64 KiB/s) stays attached, while a client that really stalls still gives
+# its S3 connection back within the cap.
+DETACH_MAX_S: Final = 1.6
+# glibc keeps freed heap pages in RSS; give them back this long after bodies were released.
+TRIM_AFTER_S: Final = 1.0
+# Re-GETs in flight at once. Clients that read at the same pace wake together: 1000
+# simultaneous re-GETs (new connection, request, response objects) cost ~130 KiB each.
+MAX_RESUMING: Final = 32
+FAST_READ: Final = 64 * 1024  # the engine's full chunk (limits.chunk_size default)
+FAST_SOCKET_READ: Final = 256 * 1024  # asyncio's own max_size
 
 
 class _SmallBufferSession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore is untyped
@@ -81,7 +100,9 @@ class S3Body:
 
     After each read a timer is armed; if the next read has not started when it fires, the
     S3 body is closed and dropped (its connection and buffered bytes are freed), and the
-    next read re-GETs the rest with If-Match, so two versions are never spliced.
+    next read re-GETs the rest with If-Match, so two versions are never spliced. Each
+    resume doubles this body's delay up to `detach_max_s`: a client that is merely slow
+    stops paying a GET per chunk, and one that really stalls still lets go within the cap.
     """
 
     __slots__ = (
@@ -123,6 +144,7 @@ class S3Body:
             self._body = body
             storage.detached_active -= 1
             storage.resumed_total += 1
+            self._detach_s = min(self._detach_s * 2, storage.detach_max_s)
         try:
             data: bytes = await body.read(min(n, self.remaining))
         except (TimeoutError, ReadTimeoutError) as exc:
@@ -131,6 +153,10 @@ class S3Body:
             raise StorageError(f"S3 body failed: {exc}", storage=storage.name) from exc
         if not data:
             raise StorageError("S3 body ended early", storage=storage.name)
+        _lower_read_marks(body, max(n, READ_BUFSIZE))
+        # Small reads mean a slow client (the engine shrinks them): recv no more than that.
+        # Full-size reads mean a fast one: let the transport read in big gulps again.
+        _cap_socket_reads(body, max(n, READ_BUFSIZE) if n < FAST_READ else FAST_SOCKET_READ)
         self.remaining -= len(data)
         if self.remaining > 0 and self._detach_s > 0:
             loop = asyncio.get_running_loop()
@@ -148,6 +174,7 @@ class S3Body:
         body, self._body = self._body, None
         if body is not None:
             body.close()
+            self._storage.released()
         else:  # detached: nothing is held any more
             self._storage.detached_active -= 1
 
@@ -158,6 +185,7 @@ class S3Body:
             body.close()
             self._storage.detached_total += 1
             self._storage.detached_active += 1
+            self._storage.released()
 
     async def _resume(self) -> Any:
         """Re-GET the rest of the range, pinned to the same ETag, under a first-byte timeout."""
@@ -167,7 +195,10 @@ class S3Body:
         start = self._end - self.remaining + 1
         try:
             async with asyncio.timeout(storage.first_byte_timeout_s):
-                return await storage._get(meta, start, self._end)
+                if storage._resume_gate.locked():
+                    storage.resume_queued_total += 1
+                async with storage._resume_gate:  # waiting counts against the timeout
+                    return await storage._get(meta, start, self._end)
         except ObjectChanged:  # mid-body: the client already has the old version's bytes
             raise StorageError(
                 "S3 object changed during the stream", storage=storage.name, key=meta.key
@@ -177,15 +208,20 @@ class S3Body:
                 "S3 object vanished during the stream", storage=storage.name, key=meta.key
             ) from None
         except TimeoutError as exc:  # StorageTimeout included
+            storage.resume_timed_out_total += 1
             raise StorageTimeout("S3 resume timed out", storage=storage.name, key=meta.key) from exc
 
 
 class S3Storage:
     """Objects under `prefix` in one bucket; keys can never leave the prefix.
 
-    `first_byte_timeout_s` bounds a detached body's re-GET (default: connect + read timeout);
-    `detach_after_s` is how long a body waits for its next read before detaching (0: never).
-    Counters for /stats: `detached_total`, `resumed_total`, and the gauge `detached_active`.
+    `first_byte_timeout_s` bounds a detached body's re-GET, waiting for one of the
+    `max_resuming` slots included (default: connect + read timeout); `detach_after_s` is how
+    long a body first waits for its next read before detaching (0: never).
+    Figures for /stats: `detached_total`, `resumed_total`, the gauge `detached_active`,
+    `resume_queued_total` (re-GETs that waited for a slot), `resume_timed_out_total`,
+    `uncapped_total` (GETs whose socket reads could not be capped: not an asyncio selector
+    loop) and `trims_total`.
     """
 
     kind = "s3"
@@ -198,6 +234,7 @@ class S3Storage:
         max_streams: int,
         first_byte_timeout_s: float | None = None,
         detach_after_s: float = DETACH_AFTER_S,
+        max_resuming: int = MAX_RESUMING,
     ) -> None:
         self.name = cfg.name
         self._cfg = cfg
@@ -210,9 +247,17 @@ class S3Storage:
             else first_byte_timeout_s
         )
         self.detach_after_s = detach_after_s
+        self.detach_max_s = max(DETACH_MAX_S, detach_after_s)
+        self.socket_read_max = SOCKET_READ_MAX
+        self._resume_gate = asyncio.Semaphore(max_resuming)
+        self._trim_handle: asyncio.TimerHandle | None = None
         self.detached_total = 0
         self.resumed_total = 0
         self.detached_active = 0
+        self.resume_queued_total = 0
+        self.resume_timed_out_total = 0
+        self.uncapped_total = 0
+        self.trims_total = 0
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -285,6 +330,9 @@ class S3Storage:
 
     async def close(self) -> None:
         """Close the client and its connection pool."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
         await self._stack.aclose()
 
     def connections_in_use(self) -> int:
@@ -307,12 +355,33 @@ class S3Storage:
                 return http_session.connections_idle()
         return 0
 
+    def released(self) -> None:
+        """A body dropped its buffers: return free heap pages to the OS soon, at most 1/s.
+
+        glibc keeps freed memory in RSS; after a wave of detaches or closes it held +60 to
+        +300 % of the baseline 10 s after the clients left (pitfalls P12).
+        """
+        if self._trim_handle is not None or _malloc_trim is None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule on
+            loop = asyncio.get_running_loop()
+            self._trim_handle = loop.call_later(TRIM_AFTER_S, self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        _malloc_trim(0)
+        self.trims_total += 1
+
     def figures(self) -> dict[str, int]:
         """Detach-on-stall counters: a `detached_active` that stays above 0 is a leak."""
         return {
             "detached_total": self.detached_total,
             "resumed_total": self.resumed_total,
             "detached_active": self.detached_active,
+            "uncapped_total": self.uncapped_total,
+            "trims_total": self.trims_total,
+            "resume_queued_total": self.resume_queued_total,
+            "resume_timed_out_total": self.resume_timed_out_total,
         }
 
     async def probe(self) -> None:
@@ -331,6 +400,8 @@ class S3Storage:
             **({"IfMatch": meta.etag} if pinned else {}),
         )
         body = obj["Body"]
+        if not _cap_socket_reads(body, self.socket_read_max):
+            self.uncapped_total += 1
         if int(obj.get("ContentLength", -1)) != end - start + 1:
             body.close()
             raise StorageError("S3 answered another range than asked", storage=self.name)
@@ -353,6 +424,45 @@ class S3Storage:
             raise StorageTimeout(f"S3 {op} timed out", storage=self.name, key=key) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
             raise StorageError(f"S3 {op} failed: {exc}", storage=self.name, key=key) from exc
+
+
+def _cap_socket_reads(body: Any, max_size: int) -> bool:
+    """Make each recv() of the body's connection read at most `max_size`; False if it cannot.
+
+    Only asyncio's selector transport has the knob (a private attribute, read on every
+    recv). uvloop reads into one 256,000-byte buffer per loop and copies what arrived, so
+    there only SO_RCVBUF would bound a read.
+    """
+    with contextlib.suppress(AttributeError):
+        connection = body.raw_stream.connection
+        transport: Any = connection.transport if connection is not None else None
+        if isinstance(transport, _SELECTOR_TRANSPORT):
+            transport.max_size = max_size
+            return True
+    return False
+
+
+def _lower_read_marks(body: Any, n: int) -> None:
+    """Let the S3-side reader buffer 2n again after a bigger read raised its marks.
+
+    aiohttp's `read(n)` only ever raises them (`set_read_chunk_size`), so once a fast
+    start read 64 KiB, a client that slowed to 16 KiB chunks would keep 128 KiB buffered.
+    """
+    with contextlib.suppress(AttributeError):
+        content = body.raw_stream.content
+        if content._low_water > n:
+            content._low_water, content._high_water = n, 2 * n
+
+
+def _load_malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None (musl, macOS: nothing to call)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim: Any = _load_malloc_trim()
 
 
 def _require_env(var: str, storage: str) -> str:

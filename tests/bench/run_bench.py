@@ -32,7 +32,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
 MIB, GIB = 1 << 20, 1 << 30
-FILES = {"4k.bin": 4 << 10, "256k.bin": 256 << 10, "4m.bin": 4 << 20, "64m.bin": 64 << 20}
+FILES = {
+    "4k.bin": 4 << 10,
+    "256k.bin": 256 << 10,
+    "1m.bin": 1 << 20,  # lookup scenarios only
+    "4m.bin": 4 << 20,
+    "64m.bin": 64 << 20,
+}
 SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}  # wrk: 1024
 TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 LOOPS = "uvloop,asyncio"
@@ -50,6 +56,8 @@ class Scenario:
     file: str
     body_bytes: int  # body bytes of one 2xx response
     script: str | None = None
+    path: str = ""  # request path when not /media/<file>
+    env: tuple[tuple[str, str], ...] = ()  # for the wrk script
 
     def connections(self, override: int | None) -> int:
         return override or (8 if FILES[self.file] >= 4 * MIB else 16)
@@ -62,6 +70,12 @@ SCENARIOS = [
     Scenario("64m", "64 MiB", "64m.bin", FILES["64m.bin"]),
     Scenario("range", "1 MiB ranges of 64 MiB", "64m.bin", MIB, "range_mix.lua"),
 ]
+# The lookup scenarios: one sidecar (asyncio) with a plain, a cached and an uncached lookup
+# route to the same file, against a PostgreSQL started for the run (lookup_bench.py).
+LOOKUPS = {"lookup-4k": ("4 KiB", "4k.bin"), "lookup-1m": ("1 MiB", "1m.bin")}
+ROUTES = ("plain", "cached", "uncached")
+CACHED_MIN_RATIO = 0.9  # the issue's targets: cached >= 0.9x plain req/s,
+UNCACHED_MAX_P99_DELTA_MS = 2.0  # uncached p99 within 2 ms of plain, one query per request
 
 
 @dataclass
@@ -137,6 +151,13 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f[11]) + int(f[12]) for f in stats) / TICKS
 
 
+def pg_cpu_seconds(postmaster: int) -> float:
+    """CPU-seconds of PostgreSQL: its live processes plus the backends it already reaped."""
+    root = stat_fields(postmaster)
+    reaped = (int(root[13]) + int(root[14])) / TICKS if root else 0.0  # cutime, cstime
+    return cpu_seconds(postmaster) + reaped
+
+
 def busy_seconds() -> float:
     """CPU-seconds the whole machine spent busy: /proc/stat user..steal minus idle, iowait."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -195,6 +216,7 @@ class Bench:
         self.started: list[Proc] = []
         self.failures: list[str] = []
         self.logs: dict[str, str] = {}  # server -> summary of what it wrote (warnings, errors)
+        self.lookup_facts: dict[str, str] = {}
 
     def pinned(self, cpu: int, argv: list[str]) -> list[str]:
         return ["taskset", "-c", str(cpu), *argv] if self.pin else argv
@@ -205,12 +227,19 @@ class Bench:
             (self.work / "media" / name).write_bytes(os.urandom(size))
             (self.work / "media" / name).read_bytes()  # warm the page cache
 
-    def launch(self, name: str, argv: list[str], port: int) -> tuple[Proc, Path]:
+    def launch(
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+    ) -> tuple[Proc, Path]:
         log = self.work / f"{name}.log"
         with log.open("ab") as out:  # append: nginx's error_log shares the file
             argv = self.pinned(0, argv)
             proc = subprocess.Popen(
-                argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                argv,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=dict(os.environ, **(env or {})),
             )
         self.started.append(proc)
         try:
@@ -291,16 +320,17 @@ logging: {{level: warning, access_log: false}}
         argv = ["wrk", "-t1", f"-c{sc.connections(self.connections)}", f"-d{seconds}s"]
         argv += ["--latency", "--timeout", "30s"]  # a 64 MiB body can outlast the default 2 s
         argv += ["-s", str(HERE / sc.script)] if sc.script else []
-        argv.append(f"http://127.0.0.1:{port}/media/{sc.file}")
-        env = dict(os.environ, BENCH_SIZE=str(FILES[sc.file]))
+        argv.append(f"http://127.0.0.1:{port}{sc.path or '/media/' + sc.file}")
+        env = dict(os.environ, BENCH_SIZE=str(FILES[sc.file]), **dict(sc.env))
         argv, limit = self.pinned(1, argv), seconds + 90
         done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=limit)
         if done.returncode != 0:
             raise BenchError(f"wrk exited with {done.returncode}: {done.stderr or done.stdout}")
         return done.stdout
 
-    def measure(self, server: str, proc: Proc, port: int, sc: Scenario) -> Run:
-        self.wrk(port, sc, 1)  # warm-up: connections, page cache, lazy imports
+    def measure(self, server: str, proc: Proc, port: int, sc: Scenario, warmup: bool = True) -> Run:
+        if warmup:
+            self.wrk(port, sc, 1)  # warm-up: connections, page cache, lazy imports
         before = cpu_seconds(proc.pid), children_seconds(), busy_seconds(), time.monotonic()
         out = self.wrk(port, sc, self.duration)
         after = cpu_seconds(proc.pid), children_seconds(), busy_seconds(), time.monotonic()
@@ -351,6 +381,225 @@ logging: {{level: warning, access_log: false}}
                 print(f"--- {server} output: {self.logs[server]}", flush=True)
 
 
+@dataclass
+class LookupRun:
+    """One route of a lookup scenario: wrk's figures plus the database's and /stats'."""
+
+    scenario: str  # "4 KiB", "1 MiB"
+    route: str  # plain, cached, uncached
+    path: str
+    run: Run
+    p90_ms: float
+    first_byte_p99_ms: float  # /stats: admission to headers, the run's last 4096 requests
+    pg_cpu_s: float
+    pg_cpu_percent: float
+    sidecar_requests: int  # /stats connections.total during the measured run
+    completed: int  # of which the sidecar completed (the rest: cut when wrk stopped)
+    queries: int  # pg_stat_statements calls of this route's query during the run
+    cache_hits: int
+    cache_misses: int
+    query_ms_p99: float  # /stats database.query_ms: execute + fetch, its recent window
+    acquire_ms_p99: float  # /stats database.acquire_ms: waiting for a pool connection
+
+
+def lookup_scenarios(keys: list[str], ids: int) -> Iterator[tuple[str, str, Scenario]]:
+    """(scenario name, route, wrk scenario) for each route of each lookup scenario."""
+    import lookup_bench as lb
+
+    for key in keys:
+        name, file = LOOKUPS[key]
+        for route in ROUTES:
+            prefix = {"plain": lb.PLAIN, "cached": lb.CACHED, "uncached": lb.UNCACHED}[route]
+            pattern, count = (file, 1) if route == "plain" else (lb.id_pattern(file), ids)
+            env = (("BENCH_PREFIX", prefix), ("BENCH_PATTERN", pattern), ("BENCH_IDS", str(count)))
+            path = prefix + (pattern % 0 if count > 1 else pattern)
+            sc = Scenario(key, f"{name} {route}", file, FILES[file], "lookup_ids.lua", path, env)
+            yield name, route, sc
+
+
+def run_lookups(bench: Bench, keys: list[str], pg_cpu: int | None, out: list[LookupRun]) -> None:
+    """PostgreSQL, one sidecar with three routes, then wrk on each route of each scenario.
+
+    Results are appended to `out` as they come (a failure keeps the earlier ones); not a
+    generator, so PostgreSQL is stopped here whatever interrupts the run.
+    """
+    import lookup_bench as lb
+
+    db = lb.LookupDb([LOOKUPS[k][1] for k in keys])
+    try:
+        db.start()
+        if pg_cpu is not None and bench.pin:
+            db.pin(process_tree(db.pid), pg_cpu)
+        port, admin = free_port(), free_port()
+        conf = bench.work / "sidecar-lookup.yaml"
+        conf.write_text(lb.sidecar_config(port, admin, bench.work / "media"))
+        argv = [sys.executable, "-m", "proxy", "--config", str(conf)]
+        proc, log = bench.launch("sidecar-lookup", argv, port, {lb.DSN_ENV: db.dsn})
+        bench.lookup_facts.update(
+            {"postgres": db.version(), "postgres pid": str(db.pid), "sidecar pid": str(proc.pid)}
+        )
+        try:
+            for name, route, sc in lookup_scenarios(keys, lb.IDS_PER_FILE):
+                prefix = sc.path.rsplit("/", 1)[0] + "/"
+                if route != "plain":  # right bytes, then every id once: the cache is warm
+                    lb.check_and_warm(
+                        port, prefix, sc.file, (bench.work / "media" / sc.file).read_bytes()
+                    )
+                bench.wrk(port, sc, 1)  # warm-up run: connections, pool, cache
+                stats0, calls0 = lb.settled_stats(admin), db.calls()
+                pg0 = pg_cpu_seconds(db.pid)
+                run = bench.measure("sidecar(asyncio)", proc, port, sc, warmup=False)
+                pg1 = pg_cpu_seconds(db.pid)
+                stats1, calls1 = lb.settled_stats(admin), db.calls()
+                pg_pct = 100 * (pg1 - pg0) / run.wall_s
+                run.other_cpu_percent = max(0.0, run.other_cpu_percent - pg_pct)
+                conns0, conns1 = stats0["connections"], stats1["connections"]
+                c0 = stats0["database"]["cache"].get(prefix, {})
+                c1 = stats1["database"]["cache"].get(prefix, {})
+                p90 = re.search(r"^\s+90%\s+([\d.]+)(\w+)", run.wrk_output, re.M)
+                result = LookupRun(
+                    scenario=name,
+                    route=route,
+                    path=sc.path,
+                    run=run,
+                    p90_ms=float(p90[1]) * TIME_UNITS[p90[2]] * 1000 if p90 else float("nan"),
+                    first_byte_p99_ms=float(stats1["latency_ms"]["first_byte"]["p99"]),
+                    pg_cpu_s=pg1 - pg0,
+                    pg_cpu_percent=pg_pct,
+                    sidecar_requests=conns1["total"] - conns0["total"],
+                    completed=conns1["completed"] - conns0["completed"],
+                    queries=calls1 - calls0,
+                    cache_hits=c1.get("hits", 0) - c0.get("hits", 0),
+                    cache_misses=c1.get("misses", 0) - c0.get("misses", 0),
+                    query_ms_p99=float(stats1["database"]["query_ms"]["p99"]),
+                    acquire_ms_p99=float(stats1["database"]["acquire_ms"]["p99"]),
+                )
+                print(" | ".join(lookup_detail(result)), flush=True)
+                out.append(result)
+        finally:
+            bench.stop(proc)
+            if text := log.read_text(errors="replace").strip():
+                bench.logs["sidecar-lookup"] = log_summary(text)
+                print(f"--- sidecar-lookup output: {bench.logs['sidecar-lookup']}", flush=True)
+    except lb.LookupSetupError as exc:
+        raise BenchError(str(exc)) from None
+    finally:
+        db.destroy()
+
+
+def per_request(cpu_s: float, r: LookupRun) -> float:
+    """CPU microseconds per request the sidecar admitted during the run."""
+    return 1e6 * cpu_s / r.sidecar_requests if r.sidecar_requests else float("nan")
+
+
+def lookup_detail(r: LookupRun) -> list[str]:
+    q = f"{r.queries / r.completed:.3f}" if r.completed else "-"
+    bad = f"**INVALID: {r.run.problems}**" if r.run.problems else "ok"
+    return [
+        r.scenario,
+        r.route,
+        f"`{r.path}`",
+        f"{r.run.requests_per_s:,.0f}",
+        f"{r.run.p50_ms:.2f}",
+        f"{r.p90_ms:.2f}",
+        f"{r.run.p99_ms:.2f}",
+        f"{r.first_byte_p99_ms:.2f}",
+        f"{r.run.cpu_percent:.0f}",
+        f"{per_request(r.run.cpu_s, r):.0f}",
+        f"{r.pg_cpu_percent:.0f}",
+        f"{per_request(r.pg_cpu_s, r):.0f}",
+        f"{r.run.wrk_cpu_percent:.0f}",
+        f"{r.run.other_cpu_percent:.0f}",
+        f"{r.run.requests:,}",
+        f"{r.sidecar_requests:,}",
+        f"{r.completed:,}",
+        f"{r.queries:,}",
+        q,
+        f"{r.cache_hits:,}/{r.cache_misses:,}",
+        f"{r.query_ms_p99:.2f}" if r.route == "uncached" else "-",
+        f"{r.acquire_ms_p99:.2f}" if r.route == "uncached" else "-",
+        bad,
+    ]
+
+
+LOOKUP_HEAD = (
+    "scenario|route|path|req/s|p50 ms|p90 ms|p99 ms|server first-byte p99 ms|sidecar CPU %"
+    "|sidecar CPU µs/request|postgres CPU %|postgres CPU µs/request|wrk CPU %|other CPU %"
+    "|wrk requests|sidecar requests|completed"
+    "|queries|queries/completed|cache hits/misses|query p99 ms|pool wait p99 ms|errors"
+)
+
+
+def lookup_verdicts(runs: list[LookupRun]) -> list[tuple[str, bool]]:
+    """The issue's targets, one line each with its figures: (text, passed)."""
+    by = {(r.scenario, r.route): r for r in runs}
+    out: list[tuple[str, bool]] = []
+    for name in dict.fromkeys(r.scenario for r in runs):
+        plain, cached, uncached = (by.get((name, route)) for route in ROUTES)
+        if not (plain and cached and uncached):
+            out.append((f"{name}: incomplete (a route was not measured)", False))
+            continue
+        valid = not (plain.run.problems or cached.run.problems or uncached.run.problems)
+        ratio = cached.run.requests_per_s / plain.run.requests_per_s
+        capacity = per_request(plain.run.cpu_s, plain) / per_request(cached.run.cpu_s, cached)
+        out.append(
+            (
+                f"{name}: cached/plain req/s = {ratio:.2f}x (target >= {CACHED_MIN_RATIO}x;"
+                f" cache misses during the run: {cached.cache_misses}; sidecar CPU per request"
+                f" plain/cached = {capacity:.2f}x, less sensitive to other load)",
+                valid and ratio >= CACHED_MIN_RATIO,
+            )
+        )
+        u_ratio = uncached.run.requests_per_s / plain.run.requests_per_s
+        delta = uncached.run.p99_ms - plain.run.p99_ms
+        small = FILES[next(f for n, f in LOOKUPS.values() if n == name)] <= 64 << 10
+        what = "one write: ~first byte" if small else "whole"
+        out.append(
+            (
+                f"{name}: uncached p99 - plain p99 = {delta:+.2f} ms ({uncached.run.p99_ms:.2f}"
+                f" vs {plain.run.p99_ms:.2f}, wrk, {what} response; target <= "
+                f"{UNCACHED_MAX_P99_DELTA_MS:g} ms); uncached/plain req/s = {u_ratio:.2f}x",
+                valid and delta <= UNCACHED_MAX_P99_DELTA_MS,
+            )
+        )
+        # Requests cut when wrk stopped (at most one per connection) may or may not have
+        # had their query: completed <= queries <= admitted, nothing else.
+        u = uncached
+        ok = 0 < u.completed <= u.queries <= u.sidecar_requests
+        ok = ok and u.sidecar_requests - u.completed <= u.run.connections
+        out.append(
+            (
+                f"{name}: uncached queries = {u.queries:,} (pg_stat_statements) for"
+                f" {u.sidecar_requests:,} requests admitted, {u.completed:,} completed"
+                f" (wrk counted {u.run.requests:,}); target: one query per request",
+                ok,
+            )
+        )
+    return out
+
+
+def lookup_report(runs: list[LookupRun], facts: dict[str, str]) -> list[str]:
+    lines = ["", "## Lookup routes (`/api/media/<id>` through PostgreSQL)", ""]
+    lines += [f"- {k}: {v}" for k, v in facts.items()]
+    lines += ["", *md(LOOKUP_HEAD.split("|"), [lookup_detail(r) for r in runs]), ""]
+    lines.append(
+        "p50/p90/p99: wrk, the whole response (for 4 KiB the first byte and the last arrive"
+    )
+    lines.append(
+        "together; for 1 MiB it includes the transfer). Server first-byte p99: the sidecar's"
+    )
+    lines.append("/stats `latency_ms.first_byte` (admission to headers, its last 4096 requests).")
+    lines += ["", "Targets:"]
+    for text, passed in lookup_verdicts(runs):
+        lines.append(f"- **{'PASS' if passed else 'FAIL'}** {text}")
+    if noisy := [r for r in runs if r.run.other_cpu_percent > 10]:
+        worst = max(r.run.other_cpu_percent for r in noisy)
+        lines += ["", f"**NOISY:** other processes used up to {worst:.0f} % CPU during"]
+        lines[-1] += f" {len(noisy)} lookup run(s): the verdicts compare runs made at"
+        lines[-1] += " different moments, rerun on a quiet machine before trusting them."
+    return lines
+
+
 def md(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
 
@@ -378,10 +627,12 @@ def report(facts: dict[str, str], runs: list[Run], servers: list[str], bench: Be
             rows[-1] += cells(by.get((s, sc)), by.get(("nginx", sc)), with_ratio=s != "nginx")
     dhead = "server|scenario|conns|req/s|MiB/s|p50 ms|p99 ms|CPU %|CPU-s/GiB"
     dhead += "|wrk CPU %|other CPU %|errors"
-    lines = [*(f"- {k}: {v}" for k, v in facts.items()), "", *md(head, rows), ""]
-    lines.append("ratio = MiB/s / nginx's. MiB/s = 2xx requests x body size / wrk's duration")
-    lines.append("(exact); `~` = wrk's bytes read (with headers), used when a run had errors.")
-    lines += ["", *md(dhead.split("|"), [r.detail() for r in runs])]
+    lines = [*(f"- {k}: {v}" for k, v in facts.items())]
+    if runs:
+        lines += ["", *md(head, rows), ""]
+        lines.append("ratio = MiB/s / nginx's. MiB/s = 2xx requests x body size / wrk's duration")
+        lines.append("(exact); `~` = wrk's bytes read (with headers), used when a run had errors.")
+        lines += ["", *md(dhead.split("|"), [r.detail() for r in runs])]
     if noisy := [r for r in runs if r.other_cpu_percent > 10]:
         worst = max(r.other_cpu_percent for r in noisy)
         lines += ["", f"**NOISY:** other processes used up to {worst:.0f} % CPU during"]
@@ -415,7 +666,7 @@ def machine_facts(pin_note: str) -> dict[str, str]:
 
 
 def parse_args() -> argparse.Namespace:
-    keys = ",".join(s.key for s in SCENARIOS)
+    keys = ",".join([*(s.key for s in SCENARIOS), *LOOKUPS])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     ap.add_argument("--connections", type=int, help="default 16 (files < 4 MiB), else 8")
@@ -423,6 +674,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--loops", default=LOOPS, help="sidecar event loops (comma list)")
     ap.add_argument("--scenarios", default=keys, help=f"comma list of {keys}")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument(
+        "--pg-cpu",
+        default="1",
+        choices=["0", "1", "none"],
+        help="lookup scenarios: the CPU PostgreSQL is pinned to (default 1, with wrk)",
+    )
     args = ap.parse_args()
     for name, allowed in [("servers", "nginx,sidecar"), ("loops", LOOPS), ("scenarios", keys)]:
         if bad := set(getattr(args, name).split(",")) - set(allowed.split(",")):
@@ -433,6 +690,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios.split(",")]
+    lookups = [k for k in LOOKUPS if k in args.scenarios.split(",")]
+    if "sidecar" not in args.servers.split(","):
+        lookups = []
     servers = ["nginx"] if "nginx" in args.servers.split(",") else []
     if "sidecar" in args.servers.split(","):
         servers += [f"sidecar({loop})" for loop in args.loops.split(",")]
@@ -442,15 +702,26 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="media-bench-"))
     bench = Bench(work, args.duration, args.connections, pin)
     runs: list[Run] = []
+    lookup_runs: list[LookupRun] = []
     try:
         bench.make_media()
-        for server in servers:
+        for server in servers if scenarios else []:
             try:
                 for run in bench.run_server(server, scenarios):
                     runs.append(run)
             except BenchError as exc:
                 bench.failures.append(f"{server}: {str(exc).splitlines()[0]}")
                 print(f"\n*** {server} FAILED: {exc}\n", file=sys.stderr, flush=True)
+        if lookups:
+            pg_cpu = None if args.pg_cpu == "none" else int(args.pg_cpu)
+            bench.lookup_facts["postgres pinning"] = (
+                f"CPU {pg_cpu}" if pg_cpu is not None and pin else "not pinned"
+            )
+            try:
+                run_lookups(bench, lookups, pg_cpu, lookup_runs)
+            except BenchError as exc:
+                bench.failures.append(f"sidecar-lookup: {str(exc).splitlines()[0]}")
+                print(f"\n*** lookup FAILED: {exc}\n", file=sys.stderr, flush=True)
     finally:
         for proc in list(bench.started):
             bench.stop(proc)
@@ -458,7 +729,10 @@ def main() -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    text = report(facts, runs, servers, bench)
+    text = report(facts, runs, servers if scenarios else [], bench)
+    verdicts = lookup_verdicts(lookup_runs)
+    if lookup_runs:
+        text += "\n".join(lookup_report(lookup_runs, bench.lookup_facts)) + "\n"
     print("\n" + text)
     out = REPO / "bench-results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     out.parent.mkdir(exist_ok=True)
@@ -469,10 +743,16 @@ def main() -> int:
         "runs": [asdict(r) for r in runs],
         "failures": bench.failures,
         "server_output": bench.logs,
+        "lookup": {
+            "facts": bench.lookup_facts,
+            "runs": [asdict(r) for r in lookup_runs],
+            "targets": [{"text": t, "passed": ok} for t, ok in verdicts],
+        },
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(f"written: {out.relative_to(REPO)}.md and .json")
-    return 1 if bench.failures or any(r.problems for r in runs) else 0
+    bad_lookup = any(r.run.problems for r in lookup_runs) or not all(ok for _, ok in verdicts)
+    return 1 if bench.failures or any(r.problems for r in runs) or bad_lookup else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and drop its buffers, then resume byte-exact; the gauges must always return to 0
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import uuid
 import weakref
@@ -19,7 +20,8 @@ import pytest_asyncio
 from proxy.config import S3StorageConfig, parse_config
 from proxy.errors import ObjectChanged, StorageError, StorageTimeout
 from proxy.model import ByteRange
-from proxy.storage.s3 import READ_BUFSIZE, S3Body, S3Storage
+from proxy.storage import s3 as s3_module
+from proxy.storage.s3 import FAST_SOCKET_READ, READ_BUFSIZE, S3Body, S3Storage
 from tests.conftest import BUCKET, FILES, S3_PREFIX, S3Server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -264,3 +266,141 @@ async def test_small_buffer_and_whole_read(s3: S3Storage) -> None:
     assert await s3.read(meta, ByteRange(100, 100 + CHUNK - 1)) == BIG[100 : 100 + CHUNK]
     assert s3.connections_in_use() == 0
     assert s3.idle() == max(idle, 1)  # read to its end: the connection went back to the pool
+
+
+@contextlib.asynccontextmanager
+async def storage_with(config: dict[str, Any], **kwargs: Any) -> AsyncIterator[S3Storage]:
+    """A second `uploads` storage with its own settings (detach delay, resume gate)."""
+    cfg = parse_config(config, "<tests>").storages["uploads"]
+    assert isinstance(cfg, S3StorageConfig)
+    storage = S3Storage(cfg, max_streams=4, **kwargs)
+    await storage.start()
+    try:
+        yield storage
+    finally:
+        await storage.close()
+
+
+async def test_attached_body_buffers_little_while_the_reader_pauses(s3: S3Storage) -> None:
+    # Never detach: this is what an attached stream holds while its client is slow.
+    s3.detach_after_s = 0.0
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        first = await body.read(CHUNK)  # a fast start raises aiohttp's marks to CHUNK..2*CHUNK
+        # Private access on purpose: the buffers are the point of this test.
+        response = body._body.raw_stream
+        selector = isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
+        if selector:  # a full-size read: a fast client, big socket reads again
+            assert response.connection.transport.max_size == FAST_SOCKET_READ
+            assert s3.uncapped_total == 0
+        else:  # uvloop: no per-read knob, and /stats says so
+            assert s3.uncapped_total == 1
+        parts = [first]
+        for _ in range(12):  # the client slowed down: small reads drain the old fill
+            parts.append(await body.read(READ_BUFSIZE))
+            await asyncio.sleep(0.01)
+        if selector:  # small reads: socket reads no bigger than them
+            assert response.connection.transport.max_size == READ_BUFSIZE
+        await asyncio.sleep(0.2)  # S3 is much faster than that: the reader fills up
+        buffered = response.content._size
+        # Paused above 2 x READ_BUFSIZE; the recv that crossed the mark adds at most one cap.
+        limit = 2 * READ_BUFSIZE + READ_BUFSIZE
+        assert 0 < buffered <= limit, f"{buffered} bytes buffered for a paused reader"
+        parts.append(await read_all(body, [CHUNK], pause_every=0))
+    finally:
+        body.close()
+    assert b"".join(parts) == BIG
+    assert s3.detached_total == 0
+
+
+async def test_each_resume_doubles_the_detach_delay_up_to_the_cap(
+    sidecar_config: dict[str, Any],
+) -> None:
+    base = 0.1  # margins of 50 ms at least around every delay below
+    async with storage_with(sidecar_config, detach_after_s=base) as s3:
+        s3.detach_max_s = 4 * base
+        meta = await s3.stat("big.bin")
+        body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+        try:
+            parts, seen = [], []
+            for pause in (1.5 * base, 1.5 * base, 3 * base, 3 * base, 6 * base, 6 * base):
+                parts.append(await body.read(CHUNK))
+                await asyncio.sleep(pause)
+                seen.append(s3.detached_total)
+            # 0.1 detaches; resumed at 0.2: 0.15 stays; 0.2 < 0.3 detaches; resumed at 0.4:
+            # 0.3 stays; 0.4 < 0.6 detaches; resumed, still 0.4 (the cap): detaches again.
+            assert seen == [1, 1, 2, 2, 3, 4]
+            assert s3.resumed_total == 3
+            parts.append(await read_all(body, [CHUNK], pause_every=0))
+        finally:
+            body.close()
+        assert b"".join(parts) == BIG
+        await settle()
+        assert (s3.detached_active, s3.connections_in_use()) == (0, 0)
+
+
+async def test_resumes_wait_for_the_gate_within_the_first_byte_timeout(
+    sidecar_config: dict[str, Any],
+) -> None:
+    async with storage_with(sidecar_config, detach_after_s=DETACH_S, max_resuming=1) as s3:
+        meta = await s3.stat("big.bin")
+        bodies = [await s3.open(meta, ByteRange(0, len(BIG) - 1)) for _ in range(2)]
+        try:
+            firsts = [await body.read(CHUNK) for body in bodies]
+            await asyncio.sleep(PAUSE_S)
+            assert s3.detached_active == 2
+            gate = s3._resume_gate  # private on purpose: hold the only resume slot
+            await gate.acquire()
+            try:
+                waiting = asyncio.create_task(bodies[0].read(CHUNK))
+                await asyncio.sleep(0.1)
+                assert not waiting.done()  # no GET while the slot is taken
+                assert (s3.resume_queued_total, s3.connections_in_use()) == (1, 0)
+                s3.first_byte_timeout_s = 0.1  # the wait counts against the timeout
+                with pytest.raises(StorageTimeout):
+                    await bodies[1].read(CHUNK)
+                assert (s3.resume_queued_total, s3.resume_timed_out_total) == (2, 1)
+            finally:
+                gate.release()
+            second = await waiting
+            assert firsts[0] + second == BIG[: len(firsts[0]) + len(second)]
+            assert s3.resumed_total == 1
+        finally:
+            for body in bodies:
+                body.close()
+        await settle()
+        assert (s3.detached_active, s3.connections_in_use()) == (0, 0)
+
+
+async def test_released_bodies_trim_the_heap_once_per_delay(
+    s3: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(s3_module, "_malloc_trim", trims.append)
+    monkeypatch.setattr(s3_module, "TRIM_AFTER_S", 0.1)
+    meta = await s3.stat("big.bin")
+    bodies = [await s3.open(meta, ByteRange(0, len(BIG) - 1)) for _ in range(3)]
+    try:
+        for body in bodies:
+            await body.read(CHUNK)
+        bodies[0].close()  # released while attached
+        await asyncio.sleep(PAUSE_S)  # the two others detach within the same delay
+        assert s3.detached_total == 2
+        assert trims == [0]  # one trim for the three releases, malloc_trim(0)
+        assert s3.figures()["trims_total"] == 1
+        await bodies[1].read(CHUNK)  # resumed, then detached again: a new trim later
+        await asyncio.sleep(PAUSE_S + 0.1)
+        assert trims == [0, 0]
+    finally:
+        for body in bodies:
+            body.close()
+    await asyncio.sleep(0.2)
+    assert len(trims) == 2  # closing a detached body frees nothing: no trim for it
+    figures = s3.figures()
+    assert {
+        "uncapped_total",
+        "resume_queued_total",
+        "resume_timed_out_total",
+        "trims_total",
+    } <= figures.keys()
