@@ -92,12 +92,12 @@ class Tracked:
         "outcome",
         "path",
         "range",
+        "request",
         "request_id",
         "started",
         "state",
         "status",
         "storage",
-        "task",
     )
 
     def __init__(self, conn_id: int, method: str, path: str, client: str, request_id: str) -> None:
@@ -115,7 +115,7 @@ class Tracked:
         self.bytes_sent = 0
         self.status: int | None = None
         self.outcome: str | None = None
-        self.task: Any = None  # the handler's task, for forced cleanup at shutdown
+        self.request: Any = None  # the aiohttp request (its .task), for cleanup at shutdown
         self.aborted: str | None = None  # why the server cut it (e.g. "shutdown_timeout")
 
     def sent(self, n: int) -> None:

@@ -14,10 +14,28 @@ async def hello(request: web.Request) -> web.Response:
     )
 
 
+async def download(request: web.Request) -> web.Response:
+    """Authorise, then let the sidecar move the bytes (nginx's X-Accel-Redirect contract).
+
+    A real app checks its session here; the demo wants any `X-Demo-User` header.
+    """
+    if not request.headers.get("X-Demo-User"):
+        return web.json_response({"error": "login required"}, status=401)
+    name = request.match_info["name"]
+    return web.Response(
+        headers={
+            "X-Accel-Redirect": f"/protected/{name}",
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "private, max-age=60",
+        }
+    )
+
+
 def create_app() -> web.Application:
-    """The example app: one route."""
+    """The example app: a hello route, and downloads it authorises."""
     app = web.Application()
     app.router.add_get("/api/hello", hello)
+    app.router.add_get("/downloads/{name}", download)
     return app
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import contextlib
-import ctypes
 import os
 from typing import Any, Final
 
@@ -20,6 +19,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from proxy import heap
 from proxy.config import S3StorageConfig
 from proxy.errors import NotFound, ObjectChanged, StorageError, StorageTimeout
 from proxy.model import ByteRange, ObjectMeta
@@ -369,8 +369,9 @@ class S3Storage:
 
     def _trim(self) -> None:
         self._trim_handle = None
-        _malloc_trim(0)
-        self.trims_total += 1
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+            self.trims_total += 1
 
     def figures(self) -> dict[str, int]:
         """Detach-on-stall counters: a `detached_active` that stays above 0 is a leak."""
@@ -454,15 +455,7 @@ def _lower_read_marks(body: Any, n: int) -> None:
             content._low_water, content._high_water = n, 2 * n
 
 
-def _load_malloc_trim() -> Any:
-    """glibc's `malloc_trim`, or None (musl, macOS: nothing to call)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim: Any = _load_malloc_trim()
+_malloc_trim = heap.malloc_trim  # module attribute: tests replace it
 
 
 def _require_env(var: str, storage: str) -> str:

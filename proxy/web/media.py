@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import re
 import secrets
-import socket
-import struct
-import time
 from collections.abc import Awaitable, Mapping
 from typing import Final, TypeVar
 
 import orjson
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 
 from proxy.access import AccessPolicy
 from proxy.conditional import Decision, decide, http_date
@@ -43,7 +38,6 @@ from proxy.registry import (
 )
 from proxy.resolver.lookup import LookupResolver, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
-from proxy.stream import pump
 from proxy.upstream import Upstream, UpstreamBody
 from proxy.web.forward import (
     AccelRedirect,
@@ -52,6 +46,7 @@ from proxy.web.forward import (
     request_headers,
     response_headers,
 )
+from proxy.web.streaming import ResponseStream, abort, reset_connection
 
 log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
@@ -62,7 +57,6 @@ TRACKED: Final = web.RequestKey("tracked", Tracked)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -128,6 +122,8 @@ class MediaHandler:
         self._idle: asyncio.Event | None = None
         self._resolver = PathResolver(cfg.routes)
         self._chunk = cfg.limits.chunk_size
+        self._out = ResponseStream(registry, chunk_size=cfg.limits.chunk_size)
+        self._log_debug = log.isEnabledFor(logging.DEBUG)
         self._first_byte_s = cfg.timeouts.upstream_first_byte
         self._timeouts: dict[str, EffectiveTimeouts] = {}  # by content type, bounded below
         self._dates: dict[int, str] = {}  # Last-Modified strings, bounded below
@@ -142,8 +138,9 @@ class MediaHandler:
             log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
             return error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
         request[TRACKED] = tracked
-        tracked.task = asyncio.current_task()
-        log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        tracked.request = request
+        if self._log_debug:  # per request: not even the call when debug is off
+            log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
         self.in_flight += 1
         try:
             resp = await self._handle(request, tracked, rid)
@@ -153,16 +150,16 @@ class MediaHandler:
         except asyncio.CancelledError:
             if tracked.aborted:  # abort_active(): reset only now, once sendfile let go
                 if request.transport is not None:
-                    _reset(request.transport)
-                self._end(tracked, FAILED)
+                    reset_connection(request.transport)
+                self._out.end(tracked, FAILED)
             else:  # the connection was lost (handler_cancellation): the client went away
-                self._end(tracked, CLIENT_DISCONNECTED)
+                self._out.end(tracked, CLIENT_DISCONNECTED)
             raise
         finally:
             self.in_flight -= 1
             if self._idle is not None and not self.in_flight:
                 self._idle.set()
-            self._end(tracked, FAILED, 500)  # a no-op unless something escaped above
+            self._out.end(tracked, FAILED, 500)  # a no-op unless something escaped above
 
     async def wait_idle(self) -> None:
         """Return once no request is in this handler (a reload replaced it)."""
@@ -180,8 +177,8 @@ class MediaHandler:
             tracked.aborted = reason
             log_event(log, "stream.aborted", logging.WARNING, conn=tracked.id,
                       request_id=tracked.request_id, key=tracked.key, reason=reason)  # fmt: skip
-            if tracked.task is not None:
-                tracked.task.cancel()  # not transport.abort() under a running sendfile
+            if tracked.request is not None:
+                tracked.request.task.cancel()  # not transport.abort() under a running sendfile
         return len(victims)
 
     async def _handle(
@@ -219,7 +216,7 @@ class MediaHandler:
                 )
             return error_response(exc, rid, extra)
         except ConnectionError:  # the client left before headers went out: not our failure
-            self._end(tracked, CLIENT_DISCONNECTED)
+            self._out.end(tracked, CLIENT_DISCONNECTED)
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)  # never sent; names the outcome for the access log
@@ -239,7 +236,7 @@ class MediaHandler:
             await resp.write_eof()
         except ConnectionError:
             if status < 500:  # a server-side failure stays the reason it ended
-                self._end(tracked, CLIENT_DISCONNECTED)
+                self._out.end(tracked, CLIENT_DISCONNECTED)
                 return
         body = resp.body if isinstance(resp, web.Response) else None
         if isinstance(body, bytes):
@@ -278,10 +275,10 @@ class MediaHandler:
                 out.content_length = length
             else:
                 out.enable_chunked_encoding()
-            writer = await self._start(request, out, tracked, length or 0)
+            writer = await self._out.start(request, out, tracked, length or 0)
             timeouts = self._timeouts_for(backend.headers.get("Content-Type", ""))
-            if await self._stream(request, out, writer, source, length, tracked, timeouts):
-                await self._complete(request, out, tracked)
+            if await self._out.stream(request, out, writer, source, length, tracked, timeouts):
+                await self._out.complete(request, out, tracked)
             return out
         finally:
             source.close()
@@ -366,103 +363,12 @@ class MediaHandler:
         try:
             resp = web.StreamResponse(status=status, headers=headers)
             resp.content_length = length
-            writer = await self._start(request, resp, tracked, length)
-            if await self._stream(request, resp, writer, body, length, tracked, timeouts):
-                await self._complete(request, resp, tracked)
+            writer = await self._out.start(request, resp, tracked, length)
+            if await self._out.stream(request, resp, writer, body, length, tracked, timeouts):
+                await self._out.complete(request, resp, tracked)
             return resp
         finally:
             body.close()
-
-    async def _start(
-        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked, length: int
-    ) -> AbstractStreamWriter:
-        """Send the headers of a streamed response (inside the handler, pitfalls P4)."""
-        self._registry.headers_sent(tracked)
-        log_event(
-            log,
-            "stream.start",
-            conn=tracked.id,
-            request_id=tracked.request_id,
-            key=tracked.key,
-            range=tracked.range,
-            status=resp.status,
-            length=length,
-            first_byte_ms=round((tracked.first_byte_s or 0.0) * 1000, 3),
-        )
-        writer = await resp.prepare(request)
-        if writer is None:  # only when the connection is already gone
-            raise ConnectionResetError("client went away")
-        return writer
-
-    async def _complete(
-        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked
-    ) -> None:
-        try:
-            await resp.write_eof()
-        except ConnectionError:
-            _abort(request, resp)
-            self._end(tracked, CLIENT_DISCONNECTED)
-            return
-        # A backend's 5xx passed through is a failure too (SPEC §4: completed is below 500).
-        self._end(tracked, COMPLETED if resp.status < 500 else FAILED, resp.status)
-
-    def _end(self, tracked: Tracked, outcome: str, status: int | None = None) -> None:
-        if self._registry.finish(tracked, outcome, status):
-            if outcome == CLIENT_DISCONNECTED:
-                _log_end(tracked, "stream.client_disconnected")
-            elif outcome == TIMED_OUT:
-                _log_end(tracked, "stream.timed_out", logging.WARNING)
-            _log_end(
-                tracked, "stream.end", logging.INFO if outcome == COMPLETED else logging.WARNING
-            )
-
-    async def _stream(
-        self,
-        request: web.BaseRequest,
-        resp: web.StreamResponse,
-        writer: AbstractStreamWriter,
-        body: Body,
-        length: int | None,
-        tracked: Tracked,
-        timeouts: EffectiveTimeouts,
-    ) -> bool:
-        """Pump one range; on failure after headers abort the connection (pitfalls P1, P2)."""
-        deadline = None
-        if timeouts.max_duration:
-            loop = asyncio.get_running_loop()
-            left = tracked.started + timeouts.max_duration - time.monotonic()
-            deadline = loop.time() + left
-        try:
-            await pump(
-                request,
-                writer,
-                body,
-                length,
-                tracked,
-                chunk_size=self._chunk,
-                idle_timeout_s=timeouts.idle,
-                deadline=deadline,
-            )
-            return True
-        except ConnectionError:
-            _abort(request, resp)
-            self._end(tracked, CLIENT_DISCONNECTED)
-        except TimeoutError:  # idle, max_duration, or the storage's own read timeout
-            _abort(request, resp, reset=True)
-            self._end(tracked, TIMED_OUT)
-        except (ProxyError, OSError) as exc:  # storage failure mid-body (sendfile can raise EIO)
-            _abort(request, resp)
-            log_event(
-                log,
-                "stream.failed",
-                logging.WARNING,
-                conn=tracked.id,
-                request_id=tracked.request_id,
-                error=getattr(exc, "code", "storage_error"),
-                reason=str(exc),
-            )
-            self._end(tracked, FAILED)
-        return False
 
     def _http_date(self, epoch_s: int) -> str:
         text = self._dates.get(epoch_s)
@@ -510,27 +416,29 @@ class MediaHandler:
             storage, storage.open(meta, decision.ranges[0]), first_byte_s
         )
         try:
-            writer = await self._start(request, resp, tracked, total + len(tail))
+            writer = await self._out.start(request, resp, tracked, total + len(tail))
             for head, r in zip(heads, decision.ranges, strict=True):
                 if body is None:
                     body = await _timed(storage, storage.open(meta, r), first_byte_s)
                 await writer.write(head)
-                if not await self._stream(request, resp, writer, body, r.length, tracked, timeouts):
+                if not await self._out.stream(
+                    request, resp, writer, body, r.length, tracked, timeouts
+                ):
                     return resp
                 await writer.write(b"\r\n")
                 body.close()
                 body = None
             await writer.write(tail)
-            await self._complete(request, resp, tracked)
+            await self._out.complete(request, resp, tracked)
             return resp
         except ConnectionError:
-            _abort(request, resp)
-            self._end(tracked, CLIENT_DISCONNECTED)
+            abort(request, resp)
+            self._out.end(tracked, CLIENT_DISCONNECTED)
             return resp
         except (ProxyError, TimeoutError) as exc:  # a later part failed: cut, never short (P1)
             timed_out = isinstance(exc, TimeoutError)
-            _abort(request, resp, reset=timed_out)
-            self._end(tracked, TIMED_OUT if timed_out else FAILED)
+            abort(request, resp, reset=timed_out)
+            self._out.end(tracked, TIMED_OUT if timed_out else FAILED)
             return resp
         finally:
             if body is not None:
@@ -556,43 +464,3 @@ async def _timed(storage: Storage, aw: Awaitable[T], timeout_s: float) -> T:
             return await aw
     except TimeoutError:
         raise StorageTimeout("storage did not answer in time", storage=storage.name) from None
-
-
-def _abort(request: web.BaseRequest, resp: web.StreamResponse, *, reset: bool = False) -> None:
-    """Close at once, never finish the response (pitfalls P1, P2).
-
-    `reset` (timeouts) sends an RST and drops what the kernel still queues for a client
-    that stopped reading, like nginx's `reset_timedout_connection`; otherwise the client
-    gets the bytes already sent, then EOF short of Content-Length, and can resume.
-    """
-    resp.force_close()
-    transport = request.transport
-    if transport is not None:
-        if reset:
-            _reset(transport)
-        else:
-            transport.abort()
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Abort with an RST: the kernel drops what it still queues for the client."""
-    with contextlib.suppress(AttributeError, OSError):
-        sock = transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
-
-
-def _log_end(tracked: Tracked, event: str, level: int = logging.INFO) -> None:
-    """One lifecycle line (stream.end, stream.client_disconnected, stream.timed_out)."""
-    log_event(
-        log,
-        event,
-        level,
-        conn=tracked.id,
-        request_id=tracked.request_id,
-        key=tracked.key,
-        outcome=tracked.outcome,
-        status=tracked.status,
-        bytes=tracked.bytes_sent,
-        duration_ms=round((time.monotonic() - tracked.started) * 1000, 3),
-    )

@@ -9,12 +9,10 @@ peak, at most once per interval, never per request.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
-from collections.abc import Callable
 from typing import Final
 
+from proxy import heap
 from proxy.log import log_event
 from proxy.registry import Registry
 
@@ -23,20 +21,7 @@ TRIM_MIN_DROP: Final = 16  # streams ended since the peak before a trim is worth
 log = logging.getLogger("proxy.server")
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
-        return None
-    if trim is None:
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-malloc_trim = _load_malloc_trim()
+malloc_trim = heap.malloc_trim  # module attribute: tests replace it
 
 
 def should_trim(peak: int, active: int) -> bool:

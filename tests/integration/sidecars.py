@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +44,22 @@ def running_sidecar(
         yield SidecarProcess(proc=proc, port=port, admin_port=admin_port, log=log)
     finally:
         stop_process(proc)
+
+
+def open_stream(port: int, path: str, rcvbuf: int = 8192) -> socket.socket:
+    """Request `path` with a small receive buffer and wait for a 200's headers."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port))
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = client.recv(1024)
+        assert chunk, "connection closed before the headers"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return client
 
 
 def error_lines(sidecar: SidecarProcess) -> list[str]:

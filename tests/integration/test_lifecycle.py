@@ -18,7 +18,13 @@ import pytest
 
 from tests.conftest import FILES, S3Server, SidecarProcess, free_port, make_config
 from tests.integration.httpclient import request
-from tests.integration.sidecars import error_lines, running_sidecar, stats, wait_for_stats
+from tests.integration.sidecars import (
+    error_lines,
+    open_stream,
+    running_sidecar,
+    stats,
+    wait_for_stats,
+)
 
 IDLE_S = 1.0
 BIG = len(FILES["big.bin"])
@@ -66,22 +72,6 @@ def quiet(sidecar: SidecarProcess) -> Any:
         10,
         "quiet",
     )
-
-
-def open_stream(port: int, path: str, rcvbuf: int = 8192) -> socket.socket:
-    """Request `path` with a small receive buffer and wait for the response headers."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    client.settimeout(10)
-    client.connect(("127.0.0.1", port))
-    client.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = client.recv(1024)
-        assert chunk, "connection closed before the headers"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head[:200]
-    return client
 
 
 def read_until_closed(client: socket.socket, timeout_s: float) -> tuple[int, str]:

@@ -247,7 +247,7 @@ def test_the_rendered_file_passes_nginx_t(tmp_path: Path) -> None:
 def test_the_file_states_what_the_issue_requires() -> None:
     """Read the media location's directives, so a careless edit fails here, not in production."""
     text = TEMPLATE.read_text()
-    media = re.search(r"location ~ \^/\(\?:media\|s3\)/ \{(.*?)\n    \}", text, re.S)
+    media = re.search(r"location ~ \^/\(\?:media\|s3\|downloads\)/ \{(.*?)\n    \}", text, re.S)
     assert media, "the media location is missing"
     directives = {
         line.split(None, 1)[0]: line.split(None, 1)[1].split(";")[0].strip()

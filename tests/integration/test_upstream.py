@@ -44,7 +44,7 @@ from tests.conftest import (
 from tests.faults.clients import fetch, never_read, wait_peer_gone
 from tests.integration.httpclient import request
 from tests.integration.rawhttp import RawResponse, parse_byteranges, parse_response
-from tests.integration.sidecars import error_lines, running_sidecar, wait_for_stats
+from tests.integration.sidecars import error_lines, open_stream, running_sidecar, wait_for_stats
 from tests.upstream_backend import (
     BIG_BODY,
     CUT_LENGTH,
@@ -888,22 +888,6 @@ def test_client_that_never_reads_holds_the_backend_back(
     assert grew(before, after, "storages", "app", "timed_out") == 1
     assert backend_stats(backend)["streamed"] - start < size
     wait_until(lambda: backend_stats(backend)["in_flight"] == 0, 5, "backend idle")
-
-
-def open_stream(port: int, path: str, rcvbuf: int = 8192) -> socket.socket:
-    """Request `path` with a small receive buffer and wait for a 200's headers."""
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    client.settimeout(10)
-    client.connect(("127.0.0.1", port))
-    client.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = client.recv(1024)
-        assert chunk, "connection closed before the headers"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 200"), head[:200]
-    return client
 
 
 @pytest.mark.parametrize("path", ["/app/big", "/app/stream?size=5242880"])
