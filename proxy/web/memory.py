@@ -9,6 +9,7 @@ peak, at most once per interval, never per request.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Final
 
@@ -37,6 +38,7 @@ async def trim_after_bursts(registry: Registry, interval_s: float = TRIM_INTERVA
         await asyncio.sleep(interval_s)
         active = len(registry.active)
         if should_trim(registry.peak_active, active):
+            gc.collect()  # cycles of a thousand ended streams hold whole pymalloc arenas
             released = malloc_trim(0)
             log_event(log, "memory.trimmed", logging.DEBUG, peak=registry.peak_active,
                       active=active, released=bool(released))  # fmt: skip
