@@ -102,3 +102,19 @@ def wait_for_stats(
             return last
         time.sleep(0.05)
     pytest.fail(f"{what}: not after {timeout_s} s; last /stats: {last}\n{log_tail(sidecar.log)}")
+
+
+def settled(s: Any) -> bool:
+    """Nothing active, no S3/upstream connection or detached body held: traffic is over."""
+    return bool(
+        s["connections"]["active"] == 0
+        and all(
+            v["upstream_in_use"] == 0 and v.get("detached_active", 0) == 0
+            for v in s["storages"].values()
+        )
+    )
+
+
+def quiet(sidecar: SidecarProcess, timeout_s: float = 10) -> Any:
+    """Wait until the sidecar has `settled`; return its figures."""
+    return wait_for_stats(sidecar, settled, timeout_s, "quiet")

@@ -11,7 +11,6 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -21,6 +20,7 @@ from tests.integration.httpclient import request
 from tests.integration.sidecars import (
     error_lines,
     open_stream,
+    quiet,
     running_sidecar,
     stats,
     wait_for_stats,
@@ -56,22 +56,6 @@ def request_warmup(sidecar: SidecarProcess) -> None:
     """One S3 and one disk request, so the pools and caches exist before baselines."""
     request(sidecar.port, "GET", "/s3/one.bin")
     request(sidecar.port, "GET", "/media/one.bin")
-
-
-def quiet(sidecar: SidecarProcess) -> Any:
-    """Wait until nothing is active and no upstream is held; return the figures."""
-    return wait_for_stats(
-        sidecar,
-        lambda s: (
-            s["connections"]["active"] == 0
-            and all(
-                v["upstream_in_use"] == 0 and v.get("detached_active", 0) == 0
-                for v in s["storages"].values()
-            )
-        ),
-        10,
-        "quiet",
-    )
 
 
 def read_until_closed(client: socket.socket, timeout_s: float) -> tuple[int, str]:

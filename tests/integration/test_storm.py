@@ -11,7 +11,6 @@ import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.integration.sidecars import (
     error_lines,
     invariant_holds,
     running_sidecar,
+    settled,
     stats,
     wait_for_stats,
 )
@@ -101,13 +101,6 @@ async def storm(port: int, seed: int) -> dict[str, int]:
     async with asyncio.timeout(120):
         await asyncio.gather(*(guarded(i) for i in range(REQUESTS)))
     return tally
-
-
-def settled(s: dict[str, Any]) -> bool:
-    return s["connections"]["active"] == 0 and all(
-        v["upstream_in_use"] == 0 and v.get("detached_active", 0) == 0
-        for v in s["storages"].values()
-    )
 
 
 def test_storm_leaves_nothing_behind(sidecar: SidecarProcess) -> None:

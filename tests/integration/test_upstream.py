@@ -44,7 +44,13 @@ from tests.conftest import (
 from tests.faults.clients import fetch, never_read, wait_peer_gone
 from tests.integration.httpclient import request
 from tests.integration.rawhttp import RawResponse, parse_byteranges, parse_response
-from tests.integration.sidecars import error_lines, open_stream, running_sidecar, wait_for_stats
+from tests.integration.sidecars import (
+    error_lines,
+    open_stream,
+    quiet,
+    running_sidecar,
+    wait_for_stats,
+)
 from tests.upstream_backend import (
     BIG_BODY,
     CUT_LENGTH,
@@ -280,22 +286,6 @@ def received(seen: Any, name: str) -> list[str]:
 def error_body(reply: RawResponse) -> Any:
     assert (reply.header("Content-Type") or "").startswith("application/json"), reply.headers
     return orjson.loads(reply.body)
-
-
-def quiet(sidecar: SidecarProcess) -> Any:
-    """Wait until nothing is active and no storage or upstream connection is held."""
-    return wait_for_stats(
-        sidecar,
-        lambda s: (
-            s["connections"]["active"] == 0
-            and all(
-                v["upstream_in_use"] == 0 and v.get("detached_active", 0) == 0
-                for v in s["storages"].values()
-            )
-        ),
-        10,
-        "quiet",
-    )
 
 
 def grew(before: Any, after: Any, *path: str) -> int:
