@@ -117,12 +117,11 @@ class MediaHandler:
             if route.access.mode != "public":
                 route_keys = [(keys or {})[name] for name in route.access.keys_env]
                 self._access[route.prefix] = AccessPolicy(route.access, keys=route_keys, db=db)
-        self._lookups = self.lookups
         self.in_flight = 0  # requests in this handler: its storages retire at 0 (reload)
         self._idle: asyncio.Event | None = None
         self._resolver = PathResolver(cfg.routes)
         self._chunk = cfg.limits.chunk_size
-        self._out = ResponseStream(registry, chunk_size=cfg.limits.chunk_size)
+        self._out = ResponseStream(registry, chunk_size=self._chunk)
         self._log_debug = log.isEnabledFor(logging.DEBUG)
         self._first_byte_s = cfg.timeouts.upstream_first_byte
         self._timeouts: dict[str, EffectiveTimeouts] = {}  # by content type, bounded below
@@ -295,7 +294,7 @@ class MediaHandler:
         row = None
         if route.lookup is not None:  # /<prefix>/<id>[/<variant>] through the database
             media_id, variant = split_id(resolved.key)
-            row = await self._lookups[route.prefix].resolve(media_id, variant)
+            row = await self.lookups[route.prefix].resolve(media_id, variant)
             storage_name, key = row.storage, row.key
         else:
             media_id, storage_name, key = None, route.storage or "", resolved.key
