@@ -87,8 +87,13 @@ async def serve(cfg: Config) -> int:
         return EXIT_STARTUP
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        sidecar.draining = True  # /health says so before any other callback runs
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
     reloads: set[asyncio.Task[None]] = set()
 
     def on_sighup() -> None:

@@ -72,43 +72,45 @@ def test_sigterm_drains_then_aborts_and_exits_0(
     with running_sidecar(config, tmp_path) as sidecar:
         paths = ["/media/big.bin", "/s3/big.bin"] * 10
         streams = [open_stream(sidecar.port, p) for p in paths]
-        wait_for_stats(sidecar, lambda s: s["connections"]["active"] == 20, 10, "20 streams")
-        finishers, stallers = streams[:10], streams[10:]  # stallers never read again
+        try:
+            wait_for_stats(sidecar, lambda s: s["connections"]["active"] == 20, 10, "20 streams")
+            finishers, stallers = streams[:10], streams[10:]  # stallers never read again
 
-        sigterm_at = time.monotonic()
-        sidecar.proc.send_signal(signal.SIGTERM)
-        health = request(sidecar.admin_port, "GET", "/health")
-        assert health.status == 503 and orjson.loads(health.body) == {"status": "draining"}
-        assert time.monotonic() - sigterm_at < 1.0
+            sigterm_at = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            health = request(sidecar.admin_port, "GET", "/health")
+            assert health.status == 503 and orjson.loads(health.body) == {"status": "draining"}
+            assert time.monotonic() - sigterm_at < 1.0
 
-        results: list[tuple[str, bytes]] = []
-        readers = [
-            threading.Thread(target=read_rest, args=(client, first, results))
-            for client, first in finishers
-        ]
-        for reader in readers:
-            reader.start()
-        time.sleep(0.3)
-        with pytest.raises(OSError):  # the listener stopped accepting
-            socket.create_connection(("127.0.0.1", sidecar.port), timeout=2).close()
-        for reader in readers:
-            reader.join(15)
-        assert [end for end, _ in results] == ["complete"] * 10
-        assert all(body == BIG for _, body in results)
+            results: list[tuple[str, bytes]] = []
+            readers = [
+                threading.Thread(target=read_rest, args=(client, first, results))
+                for client, first in finishers
+            ]
+            for reader in readers:
+                reader.start()
+            time.sleep(0.3)
+            with pytest.raises(OSError):  # the listener stopped accepting
+                socket.create_connection(("127.0.0.1", sidecar.port), timeout=2).close()
+            for reader in readers:
+                reader.join(15)
+            assert [end for end, _ in results] == ["complete"] * 10
+            assert all(body == BIG for _, body in results)
 
-        assert sidecar.proc.wait(SHUTDOWN_S * 2 + 10) == 0
-        elapsed = time.monotonic() - sigterm_at
-        assert SHUTDOWN_S * 0.9 <= elapsed < SHUTDOWN_S * 2 + 5, elapsed
-        # The stallers read only now: what was queued, then the cut, never the whole body.
-        for client, first in stallers:
-            read_rest(client, first, results)
-        cut = results[10:]
-        assert len(cut) == 10
-        assert all(end in ("reset", "eof") and len(body) < len(BIG) for end, body in cut), [
-            (end, len(body)) for end, body in cut
-        ]
-        for client, _ in streams:
-            client.close()
+            assert sidecar.proc.wait(SHUTDOWN_S * 2 + 10) == 0
+            elapsed = time.monotonic() - sigterm_at
+            assert SHUTDOWN_S * 0.9 <= elapsed < SHUTDOWN_S * 2 + 5, elapsed
+            # The stallers read only now: what was queued, then the cut, never the whole body.
+            for client, first in stallers:
+                read_rest(client, first, results)
+            cut = results[10:]
+            assert len(cut) == 10
+            assert all(end in ("reset", "eof") and len(body) < len(BIG) for end, body in cut), [
+                (end, len(body)) for end, body in cut
+            ]
+        finally:  # closed whatever failed: a leaked socket would fail a later test
+            for client, _ in streams:
+                client.close()
 
     events = [orjson.loads(line) for line in sidecar.log.read_text().splitlines()]
     aborted = [e for e in events if e["event"] == "stream.aborted"]
