@@ -18,6 +18,7 @@ from proxy.resolver.path import confine_key
 REQUIRED_COLUMNS: Final = ("storage", "key")
 OPTIONAL_COLUMNS: Final = ("content_type", "visibility", "owner_id", "status", "filename")
 MAX_ID_LENGTH: Final = 256
+_COLUMNS: Final = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 
 class MediaRow(NamedTuple):
@@ -91,7 +92,11 @@ class LookupResolver:
 
     async def resolve(self, media_id: str, variant: str | None) -> MediaRow:
         """The row for an id; NotFound (unknown), NotReady (status), DatabaseUnavailable."""
-        row = await self.cache.get((media_id, variant), lambda: self._load(media_id, variant))
+        if self.cache.enabled:
+            row = await self.cache.get((media_id, variant), lambda: self._load(media_id, variant))
+        else:  # cache_ttl 0: one query per request, without the cache's layers
+            self.cache.misses += 1
+            row = await self._load(media_id, variant)
         if row is None:
             raise NotFound("unknown media id")
         if row.status is not None and row.status not in self._statuses:
@@ -109,11 +114,11 @@ class LookupResolver:
 
     def _row(self, found: Mapping[str, object]) -> MediaRow:
         """Validate a row: a known storage, a confined key, text columns."""
-        values = {k: found.get(k) for k in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        for name, value in values.items():
+        values = [found.get(k) for k in _COLUMNS]  # in MediaRow's order
+        for i, value in enumerate(values):
             if value is not None and not isinstance(value, str):
-                values[name] = str(value)
-        storage, key = values["storage"], values["key"]
+                values[i] = str(value)
+        storage, key = values[0], values[1]
         if storage not in self._storages:
             raise StorageError(f"lookup returned unknown storage {storage!r}")
         if not isinstance(key, str):
@@ -122,4 +127,4 @@ class LookupResolver:
             confine_key(key.replace("%", "%25"))  # the row holds a plain key, not a URL
         except (BadRequest, NotFound):
             raise StorageError("lookup returned an invalid key") from None
-        return MediaRow(**values)  # type: ignore[arg-type]
+        return MediaRow._make(values)

@@ -140,9 +140,13 @@ class LookupDb:
         """Executions of the lookup query so far, both routes (pg_stat_statements).
 
         Anchored: the column check the sidecar runs at start wraps the query in a SELECT.
+        The sidecar prepares a query it keeps running: pg_stat_statements then counts each
+        EXECUTE under the text of the PREPARE (not the EXECUTE, nor the PREPARE itself).
         """
         assert self.pg is not None
-        return self.pg.statement_calls("/* bench:%")
+        return self.pg.statement_calls("/* bench:%") + self.pg.statement_calls(
+            "PREPARE % AS /* bench:%"
+        )
 
     def version(self) -> str:
         assert self.pg is not None

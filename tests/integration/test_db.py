@@ -17,7 +17,7 @@ import pytest
 import uvloop
 
 from proxy.config import DatabaseConfig
-from proxy.db import Database, QueryRejected
+from proxy.db import PREPARE_THRESHOLD, Database, QueryRejected
 from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable
 from tests.pg import PgServer
 
@@ -489,3 +489,211 @@ def test_outage_and_recovery_on_uvloop(pg_server: PgServer) -> None:
             await db.close(grace_s=0.5)
 
     uvloop.run(scenario())
+
+
+# ---------------------------------------------------------------- prepared statements
+
+
+async def warm(db: Database, query: str, params: dict[str, Any]) -> None:
+    """Run `query` past the threshold: its last run prepared it, the next ones EXECUTE it."""
+    for _ in range(PREPARE_THRESHOLD + 1):
+        await db.fetch_one(query, params, label="/m/")
+
+
+async def own_statements(db: Database) -> list[str]:
+    """The prepared statements of the session that runs this (pool_max=1: the only one)."""
+    row = await db.fetch_one(
+        "SELECT string_agg(name, ',' ORDER BY name) AS names FROM pg_prepared_statements"
+        " WHERE name LIKE 'sidecar\\_%%'",
+        {},
+        label="/m/",
+    )
+    assert row is not None
+    return str(row["names"] or "").split(",") if row["names"] else []
+
+
+async def test_lookup_runs_as_one_prepared_statement(make_db: MakeDb, pg_server: PgServer) -> None:
+    """After the threshold: one PREPARE per session, then EXECUTE; each is one query."""
+    db, _ = await make_db(pool_max=1)
+    pg_server.reset_statements()
+    runs = 10
+    for _ in range(runs):
+        assert await db.fetch_one(VARIANT_LOOKUP, {"id": "m-pic", "variant": "thumb"}, label="/m/")
+        assert (
+            await db.fetch_one(VARIANT_LOOKUP, {"id": "nope", "variant": None}, label="/m/") is None
+        )
+    figures = db.figures()
+    assert figures["prepares"] == 1 and figures["queries"] == 2 * runs, figures
+    # pg_stat_statements counts each EXECUTE under the PREPARE's text, the rest as text.
+    executed = pg_server.statement_calls("PREPARE sidecar\\_% AS SELECT coalesce(v.storage%")
+    as_text = pg_server.statement_calls("SELECT coalesce(v.storage%")
+    assert (executed, as_text) == (2 * runs - PREPARE_THRESHOLD, PREPARE_THRESHOLD)
+    assert len(await own_statements(db)) == 1
+    at_rest(db)
+
+
+@pytest.mark.parametrize(
+    "hostile", ["'); DROP TABLE media; --", "m-one' OR '1'='1", "%(id)s", "$1", "x\\'y", "%%"]
+)
+async def test_prepared_path_binds_hostile_values_as_data(
+    make_db: MakeDb, pg_server: PgServer, hostile: str
+) -> None:
+    db, _ = await make_db()
+    echo = "SELECT %(v)s::text AS v, (SELECT count(*) FROM media WHERE id = %(v)s) AS n"
+    await warm(db, echo, {"v": "m-one"})
+    await warm(db, LOOKUP, {"id": "m-one"})
+    prepares = db.figures()["prepares"]
+    assert await db.fetch_one(echo, {"v": hostile}, label="/m/") == {"v": hostile, "n": 0}
+    assert await db.fetch_one(LOOKUP, {"id": hostile}, label="/m/") is None
+    assert db.figures()["prepares"] == prepares == 2, "both ran as prepared statements"
+    assert pg_server.admin("SELECT count(*) FROM media")[0][0] == 5
+    at_rest(db)
+
+
+async def test_prepared_statement_after_the_server_restarts(
+    make_db: MakeDb, pg_server: PgServer
+) -> None:
+    """A new session after an outage prepares the statement again (or EXECUTE would fail)."""
+    db, _ = await make_db(pool_max=1)
+    await warm(db, LOOKUP, {"id": "m-one"})
+    assert await db.fetch_one(LOOKUP, {"id": "m-hello"}, label="/m/") is not None
+    assert db.figures()["prepares"] == 1
+    pg_server.stop()
+    pg_server.start()
+    for media_id in ("m-one", "m-hello", "m-one"):
+        row = await db.fetch_one(LOOKUP, {"id": media_id}, label="/m/")
+        assert row is not None and row["storage"] == "local", row
+    assert db.figures()["prepares"] == 2
+    assert len(await own_statements(db)) == 1
+    at_rest(db)
+
+
+async def test_statement_vanishing_falls_back_to_text(make_db: MakeDb) -> None:
+    """DEALLOCATE ALL (or a pooler) under us: the query still answers; after a few such
+    surprises the pool stops preparing rather than failing forever."""
+    db, _ = await make_db(pool_max=1)
+    await warm(db, LOOKUP, {"id": "m-one"})
+    for _ in range(4):
+        assert await db.fetch_one(LOOKUP, {"id": "m-one"}, label="/m/") is not None
+        assert await db.fetch_one("DEALLOCATE ALL", {}, label="/m/") is None
+        assert await db.fetch_one(LOOKUP, {"id": "m-one"}, label="/m/") is not None
+    assert db.figures()["prepares"] == 3, "prepared again twice, then no more"
+    assert await own_statements(db) == []
+    assert db.figures()["errors"] == 0
+    at_rest(db)
+
+
+async def test_prepared_statement_follows_a_schema_change(
+    make_db: MakeDb, pg_server: PgServer
+) -> None:
+    """`SELECT *` prepared, then a column added: PostgreSQL refuses the old plan's shape."""
+    pg_server.admin("CREATE TABLE reshaped (id text PRIMARY KEY, key text)")
+    try:
+        pg_server.admin("GRANT SELECT ON reshaped TO sidecar")
+        pg_server.admin("INSERT INTO reshaped VALUES ('a', 'a.bin')")
+        db, _ = await make_db(pool_max=1)
+        query = "SELECT * FROM reshaped WHERE id = %(id)s"
+        await warm(db, query, {"id": "a"})
+        assert await db.fetch_one(query, {"id": "a"}, label="/m/") == {"id": "a", "key": "a.bin"}
+        pg_server.admin("ALTER TABLE reshaped ADD COLUMN storage text DEFAULT 'local'")
+        for _ in range(2):
+            row = await db.fetch_one(query, {"id": "a"}, label="/m/")
+            assert row == {"id": "a", "key": "a.bin", "storage": "local"}
+        assert db.figures()["prepares"] == 2 and db.figures()["errors"] == 0
+        at_rest(db)
+    finally:
+        pg_server.admin("DROP TABLE reshaped")
+
+
+async def test_queries_prepare_refuses_run_as_text(make_db: MakeDb) -> None:
+    """SHOW, several statements, an untypable `$1`: always right, prepared where possible."""
+    db, _ = await make_db(pool_max=1)
+    several = "SELECT 1 AS one; SELECT 2 AS two"
+    first = await db.fetch_one(several, {}, label="/m/")
+    for _ in range(PREPARE_THRESHOLD + 3):
+        assert await db.fetch_one("SHOW statement_timeout", {}, label="/m/") == {
+            "statement_timeout": "1s"
+        }
+        assert await db.fetch_one(several, {}, label="/m/") == first
+        # `%(v)s IS NULL` alone: PostgreSQL cannot infer the type; declared as text then
+        assert await db.fetch_one(
+            "SELECT %(v)s IS NULL AS missing, %(v)s AS v", {"v": None}, label="/m/"
+        ) == {"missing": True, "v": None}
+    assert db.figures()["prepares"] == 1 and db.figures()["errors"] == 0
+    at_rest(db)
+
+
+async def test_statement_timeout_on_the_prepared_path(
+    make_db: MakeDb, pg_server: PgServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    db, app = await make_db(statement_timeout=0.3, pool_max=1)
+    sleep = "SELECT pg_backend_pid() AS pid, pg_sleep(%(s)s::float) AS slept"
+    await warm(db, sleep, {"s": "0"})
+    pid = (await db.fetch_one(sleep, {"s": "0"}, label="/m/") or {})["pid"]
+    started = time.monotonic()
+    with pytest.raises(DatabaseTimeout):
+        await db.fetch_one(sleep, {"s": "5"}, label="/slow/")
+    assert 0.25 <= time.monotonic() - started <= 0.3 + MARGIN_S
+    assert (await db.fetch_one(sleep, {"s": "0"}, label="/m/") or {})["pid"] == pid
+    assert db.figures()["prepares"] == 1 and db.figures()["timeouts"] == 1
+    assert [state for state, _ in sessions(pg_server, app)] == ["idle"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    at_rest(db)
+
+
+async def test_cancelled_prepared_query_leaves_no_busy_connection(
+    make_db: MakeDb, pg_server: PgServer
+) -> None:
+    db, app = await make_db(statement_timeout=5.0, pool_max=1)
+    sleep = "SELECT pg_sleep(%(s)s::float) AS slept"
+    await warm(db, sleep, {"s": "0"})
+    task = asyncio.create_task(db.fetch_one(sleep, {"s": "3"}, label="/slow/"))
+    assert await eventually(lambda: ("active", "EXECUTE") in [
+        (state, query[:7]) for state, query in sessions(pg_server, app)])  # fmt: skip
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    at_rest(db)
+    assert db.figures()["size"] == 0, "the busy session was closed, not pooled"
+    assert await db.fetch_one(sleep, {"s": "0"}, label="/m/") == {"slept": ""}
+    assert db.figures()["prepares"] == 2  # the new session prepared it again
+
+
+async def test_many_distinct_queries_stay_bounded_per_session(
+    make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reloads with ever new queries: a session keeps at most so many statements."""
+    monkeypatch.setattr("proxy.db.MAX_PREPARED_PER_CONNECTION", 2)
+    db, _ = await make_db(pool_max=1)
+    for n in range(5):
+        query = f"SELECT {n} AS n, key FROM media WHERE id = %(id)s"
+        await warm(db, query, {"id": "m-one"})
+        assert await db.fetch_one(query, {"id": "m-one"}, label="/m/") == {"n": n, "key": "one.bin"}
+    assert db.figures()["prepares"] == 5
+    assert len(await own_statements(db)) <= 2
+    at_rest(db)
+
+
+async def test_a_waiter_is_served_before_a_newcomer(make_db: MakeDb) -> None:
+    """A released connection goes to the longest waiter, not to whoever asks next."""
+    db, _ = await make_db(pool_max=1, statement_timeout=3.0)
+    order: list[str] = []
+
+    async def holder() -> None:
+        await db.fetch_one("SELECT pg_sleep(0.2)", {}, label="/holder/")
+        # Asks again at once, before the waiter's task could run: it must queue behind.
+        await db.fetch_one("SELECT 2 AS two", {}, label="/again/")
+        order.append("again")
+
+    async def waiter() -> None:
+        await db.fetch_one("SELECT 1 AS one", {}, label="/waiter/")
+        order.append("waiter")
+
+    first = asyncio.create_task(holder())
+    assert await eventually(lambda: db.figures()["in_use"] == 1)
+    second = asyncio.create_task(waiter())
+    assert await eventually(lambda: db.figures()["waiting"] == 1)
+    await asyncio.gather(first, second)
+    assert order == ["waiter", "again"]
+    at_rest(db)

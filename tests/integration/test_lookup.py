@@ -19,6 +19,7 @@ import orjson
 import pytest
 import yaml
 
+from proxy.db import PREPARE_THRESHOLD
 from proxy.signing import signed_url
 from tests.conftest import FILES, REPO, S3Server, SidecarProcess, make_config
 from tests.integration.httpclient import Reply, request
@@ -248,6 +249,37 @@ def test_cache_off_means_one_query_per_request(
     for _ in range(5):
         assert get(sidecar, "/nocache/m-one").status == 200
     assert pg_server.statement_calls("%nocache%") == 5
+
+
+def test_uncached_lookups_run_as_one_prepared_statement(
+    sidecar: SidecarProcess, pg_server: PgServer
+) -> None:
+    """PostgreSQL plans the route's query once per session: EXECUTE, one per request."""
+    pg_server.reset_statements()
+    runs = PREPARE_THRESHOLD + 5
+    for _ in range(runs):
+        assert get(sidecar, "/nocache/m-one").status == 200
+        assert get(sidecar, "/nocache/m-pic/thumb").status == 200
+    assert pg_server.statement_calls("%nocache%") == 2 * runs
+    # pg_stat_statements counts each EXECUTE under the PREPARE's text (and not the PREPARE)
+    assert pg_server.statement_calls("PREPARE sidecar\\_% AS /* nocache */%") >= 2 * runs - (
+        PREPARE_THRESHOLD
+    )
+    assert stats(sidecar)["database"]["prepares"] >= 1
+
+
+def test_statement_timeout_on_a_prepared_lookup_is_a_fast_503(sidecar: SidecarProcess) -> None:
+    for _ in range(PREPARE_THRESHOLD + 1):  # from now on the route EXECUTEs its statement
+        assert get(sidecar, "/sleepy/fast").status == 200
+    before = stats(sidecar)["database"]
+    started = time.monotonic()
+    reply = get(sidecar, "/sleepy/too-slow")
+    assert reply.status == 503 and error_of(reply) == {"error": "database_timeout"}
+    assert 0.4 < time.monotonic() - started < 1.5
+    after = wait_for_stats(sidecar, lambda s: s["database"]["in_use"] == 0, 5, "pool idle")
+    assert after["database"]["timeouts"] == before["timeouts"] + 1
+    assert after["database"]["size"] >= 1, "a server-side cancel keeps the session"
+    assert get(sidecar, "/sleepy/fast").status == 200
 
 
 def test_stats_have_a_database_section(sidecar: SidecarProcess) -> None:
