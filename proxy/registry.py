@@ -158,6 +158,12 @@ class Registry:
                 self.storages[name] = StorageFigures()
         self._names = {id(fig): name for name, fig in self.storages.items()}
 
+    def has_room(self, client: str) -> bool:
+        """`admit` would take a request from `client` now."""
+        if len(self.active) >= self.max_streams:
+            return False
+        return not self.max_per_client or self._per_client.get(client, 0) < self.max_per_client
+
     def admit(self, method: str, path: str, client: str, request_id: str) -> Tracked:
         """Register a request, or count it `rejected` and raise Overloaded (503)."""
         tracked = Tracked(next(self._ids), method, path, client, request_id)

@@ -66,6 +66,15 @@ class LookupCache(Generic[K, V]):
             "stale_served": self.stale_served,
         }
 
+    def holds(self, key: K, value: V) -> bool:
+        """`key` has a fresh entry that is `value` itself; counted as a hit when it does."""
+        entry = self._entries.get(key)
+        if entry is None or entry.value is not value or entry.expires <= time.monotonic():
+            return False
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return True
+
     async def get(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
         """The value for `key`, loading it once for all concurrent callers when needed."""
         if not self.enabled:

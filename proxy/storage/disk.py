@@ -111,7 +111,34 @@ class DiskStorage:
         if not os.path.isdir(self.root) or not os.access(self.root, os.R_OK | os.X_OK):  # noqa: ASYNC240
             raise StorageError("root is not a readable directory", storage=self.name)
 
+    def unchanged(self, meta: ObjectMeta) -> bool:
+        """The file `stat` described is still there, the same inode, size and mtime.
+
+        One lstat of the path `stat` ended at: a path whose components were replaced since
+        (a symlink, another file) names another inode, or a hard link to this same file.
+        """
+        path, dev, ino, mtime_ns, size = meta.token
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (
+            st.st_ino == ino
+            and st.st_mtime_ns == mtime_ns
+            and st.st_size == size
+            and st.st_dev == dev
+            and stat_mod.S_ISREG(st.st_mode)
+        )
+
+    def plain_path(self, meta: ObjectMeta) -> bool:
+        """`stat` reached the file by its key alone, through no symbolic link."""
+        return bool(meta.token[0] == f"{self.root}{os.sep}{meta.key}")
+
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
+        """Read a small range whole (see read_now)."""
+        return self.read_now(meta, byte_range)
+
+    def read_now(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small range whole, from a cached descriptor when the file is unchanged.
 
         Synchronous from lookup to pread, so a cached descriptor is never in use across

@@ -341,7 +341,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         log_event(
             self.logger,
             "http.request",
-            request_id=request.get(REQUEST_ID),
+            request_id=tracked.request_id if tracked else request.get(REQUEST_ID),
             conn=tracked.id if tracked else None,
             outcome=tracked.outcome if tracked else None,
             method=request.method,

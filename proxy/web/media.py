@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Mapping
-from typing import Final, TypeVar
+from typing import Final, NamedTuple, TypeVar
 
 import orjson
 from aiohttp import web
@@ -36,8 +36,9 @@ from proxy.registry import (
     Registry,
     Tracked,
 )
-from proxy.resolver.lookup import LookupResolver, Querier, split_id
+from proxy.resolver.lookup import LookupResolver, MediaRow, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
+from proxy.storage.disk import DiskStorage
 from proxy.upstream import Upstream, UpstreamBody
 from proxy.web.forward import (
     AccelRedirect,
@@ -47,6 +48,7 @@ from proxy.web.forward import (
     response_headers,
 )
 from proxy.web.streaming import ResponseStream, abort, reset_connection
+from proxy.web.wire import Sent, Whole, fixed_fields, fixed_response, serialize
 
 log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
@@ -57,6 +59,20 @@ TRACKED: Final = web.RequestKey("tracked", Tracked)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
+
+
+class _Template(NamedTuple):
+    """A small file's 200 on a public disk route: headers serialized once, for each request
+    that names it by the same raw path with no Range or precondition (`_send_template`).
+    On a lookup route it holds while the route's cache holds the same row.
+    """
+
+    storage: DiskStorage
+    meta: ObjectMeta
+    whole: ByteRange
+    fixed: bytes
+    content_type: str
+    lookup: tuple[LookupResolver, tuple[str, str | None], MediaRow] | None
 
 
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -71,18 +87,15 @@ def request_id(request: web.BaseRequest) -> str:
     return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
-def error_response(
-    exc: ProxyError, rid: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
+def error_response(exc: ProxyError, rid: str, headers: Mapping[str, str] | None = None) -> Whole:
     """A small JSON body `{"error": code}`; never a traceback."""
     body = {"error": exc.code}
     if isinstance(exc, Forbidden):  # why, in one word: expired, bad_signature, not_owner…
         body["reason"] = exc.reason
-    resp = web.Response(status=exc.status, body=orjson.dumps(body), content_type=_JSON)
-    resp.headers["X-Request-ID"] = rid
+    fields = {"Content-Type": _JSON, "X-Request-ID": rid}
     if headers:
-        resp.headers.update(headers)
-    return resp
+        fields.update(headers)
+    return Whole(exc.status, fields, orjson.dumps(body))
 
 
 class MediaHandler:
@@ -126,16 +139,33 @@ class MediaHandler:
         self._first_byte_s = cfg.timeouts.upstream_first_byte
         self._timeouts: dict[str, EffectiveTimeouts] = {}  # by content type, bounded below
         self._dates: dict[int, str] = {}  # Last-Modified strings, bounded below
+        self._templates: dict[str, _Template] = {}  # by raw path, bounded below
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        template = self._templates.get(request.raw_path)
+        if template is not None:
+            sent = self._send_template(template, request)
+            if sent is not None:
+                tracked = request[TRACKED]
+                if tracked.outcome is not None:
+                    return sent
+                return await self._drain_template(request, tracked, template, sent)
+        return await self._handle_fully(request)
+
+    async def _handle_fully(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request the templates do not answer: admission, resolution, the storage."""
         rid = request_id(request)
-        request[REQUEST_ID] = rid
-        registry = self._registry
+        raw_path = request.raw_path
         try:
-            tracked = registry.admit(request.method, request.raw_path, request.remote or "", rid)
+            tracked = self._registry.admit(request.method, raw_path, request.remote or "", rid)
         except Overloaded as exc:  # counted `rejected` by the registry
+            request[REQUEST_ID] = rid
             log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
-            return error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
+            rejection = error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
+            try:
+                return await self._write(request, rejection)
+            except (ConnectionError, TimeoutError):
+                return Sent(rejection.status, False, 0)
         request[TRACKED] = tracked
         tracked.request = request
         if self._log_debug:  # per request: not even the call when debug is off
@@ -144,21 +174,27 @@ class MediaHandler:
         try:
             resp = await self._handle(request, tracked, rid)
             if tracked.outcome is None:  # a whole response: hand it over here, then count it
-                await self._deliver(request, resp, tracked)
+                return await self._deliver(request, resp, tracked)
+            if isinstance(resp, Whole):  # it ended already (cut, aborted): nothing more goes out
+                return Sent(resp.status, False, 0)
             return resp
         except asyncio.CancelledError:
-            if tracked.aborted:  # abort_active(): reset only now, once sendfile let go
-                if request.transport is not None:
-                    reset_connection(request.transport)
-                self._out.end(tracked, FAILED)
-            else:  # the connection was lost (handler_cancellation): the client went away
-                self._out.end(tracked, CLIENT_DISCONNECTED)
+            self._cancelled(request, tracked)
             raise
         finally:
             self.in_flight -= 1
             if self._idle is not None and not self.in_flight:
                 self._idle.set()
-            self._out.end(tracked, FAILED, 500)  # a no-op unless something escaped above
+            if tracked.outcome is None:  # something escaped above
+                self._out.end(tracked, FAILED, 500)
+
+    def _cancelled(self, request: web.BaseRequest, tracked: Tracked) -> None:
+        if tracked.aborted:  # abort_active(): reset only now, once sendfile let go
+            if request.transport is not None:
+                reset_connection(request.transport)
+            self._out.end(tracked, FAILED)
+        else:  # the connection was lost (handler_cancellation): the client went away
+            self._out.end(tracked, CLIENT_DISCONNECTED)
 
     async def wait_idle(self) -> None:
         """Return once no request is in this handler (a reload replaced it)."""
@@ -182,7 +218,7 @@ class MediaHandler:
 
     async def _handle(
         self, request: web.BaseRequest, tracked: Tracked, rid: str
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | Whole:
         try:
             resolved = self._resolver.resolve(request.raw_path)
             method, overrides = request.method, None
@@ -223,25 +259,151 @@ class MediaHandler:
             log.exception("request.crashed", extra={"conn": tracked.id, "request_id": rid})
             return error_response(ProxyError("internal error"), rid)
 
-    async def _deliver(
-        self, request: web.BaseRequest, resp: web.StreamResponse, tracked: Tracked
+    def _send_template(self, template: _Template, request: web.BaseRequest) -> Sent | None:
+        """Answer a request for a small plain file from its template, in one synchronous step.
+
+        Everything `_handle_fully` would decide again is fixed by the raw path (route, key,
+        access) or by the file (validators, type, length), and one lstat shows the file is
+        the same. None (nothing done, nothing counted) when the request has a Range or a
+        precondition, the file changed, the connection is closing or admission would refuse:
+        the full path then answers it. The request is counted like any other; it is still
+        active only if the client has not taken the bytes yet (`_drain_template`).
+        """
+        method, h = request.method, request.headers
+        if (method != "GET" and method != "HEAD") or (
+            "Range" in h
+            or "If-None-Match" in h
+            or "If-Modified-Since" in h
+            or "If-Match" in h
+            or "If-Unmodified-Since" in h
+        ):
+            return None
+        storage, meta = template.storage, template.meta
+        if not storage.unchanged(meta):
+            del self._templates[request.raw_path]
+            return None
+        transport, client, registry = request.transport, request.remote or "", self._registry
+        if transport is None or transport.is_closing() or not registry.has_room(client):
+            return None
+        body = b""
+        if method == "GET":
+            try:
+                body = storage.read_now(meta, template.whole)
+            except ProxyError:  # replaced after the lstat, or a read error: the full path
+                return None  # decides (and answers the error, if it persists)
+        lookup = template.lookup
+        if lookup is not None and not lookup[0].cache.holds(lookup[1], lookup[2]):
+            return None  # the row expired or was loaded again: ask the database
+        rid = request_id(request)
+        tracked = registry.admit(method, request.raw_path, client, rid)
+        request[TRACKED] = tracked
+        tracked.request = request
+        if self._log_debug:
+            log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        registry.attach(tracked, storage.name, meta.key, None)
+        registry.headers_sent(tracked)
+        keep_alive = request.keep_alive
+        transport.write(fixed_response(template.fixed, rid, request.version, keep_alive, body))
+        tracked.bytes_sent = len(body)
+        if not request.protocol.writing_paused:
+            registry.finish(tracked, COMPLETED, 200)
+        return Sent(200, keep_alive, len(body))
+
+    async def _drain_template(
+        self, request: web.BaseRequest, tracked: Tracked, template: _Template, sent: Sent
+    ) -> web.StreamResponse:
+        """The client is not taking a template's bytes: wait for it, bounded by `idle`."""
+        try:
+            await self._drained(request, template.content_type)
+        except asyncio.CancelledError:
+            self._cancelled(request, tracked)
+            raise
+        except ConnectionError:
+            self._out.end(tracked, CLIENT_DISCONNECTED)
+            return _gone(sent)
+        except TimeoutError:
+            if request.transport is not None:
+                reset_connection(request.transport)
+            self._out.end(tracked, TIMED_OUT)
+            return _gone(sent)
+        self._registry.finish(tracked, COMPLETED, 200)
+        return sent
+
+    async def _drained(self, request: web.BaseRequest, content_type: str) -> None:
+        """Wait until the transport's buffer is under its high water; TimeoutError after
+        `idle` (of the content type's class) without that."""
+        if request.protocol.writing_paused:
+            async with asyncio.timeout(self._timeouts_for(content_type).idle or None):
+                await request.writer.drain()
+
+    def _remember(
+        self,
+        raw_path: str,
+        storage: Storage,
+        meta: ObjectMeta,
+        headers: dict[str, str],
+        lookup: tuple[LookupResolver, tuple[str, str | None], MediaRow] | None,
     ) -> None:
+        """Keep a small plain 200 from disk as a template (see `_send_template`)."""
+        if not isinstance(storage, DiskStorage) or not storage.plain_path(meta):
+            return  # through a symlink: resolved again on every request
+        if len(self._templates) >= _CACHE_MAX:
+            self._templates.clear()
+        fields = {name: value for name, value in headers.items() if name != "X-Request-ID"}
+        try:
+            fixed = fixed_fields(fields, meta.size)
+        except ValueError:  # a header that cannot be written: `_write` answers it, once
+            return
+        self._templates[raw_path] = _Template(
+            storage, meta, _whole(meta.size)[0], fixed, headers["Content-Type"], lookup
+        )
+
+    async def _deliver(
+        self, request: web.BaseRequest, resp: web.StreamResponse | Whole, tracked: Tracked
+    ) -> web.StreamResponse:
         """Write a whole response now and record its outcome (5xx: failed or timed out)."""
         status = resp.status
         if status < 300:
             self._registry.headers_sent(tracked)
         try:
-            await resp.prepare(request)
-            await resp.write_eof()
+            if isinstance(resp, Whole):
+                sent: web.StreamResponse = await self._write(request, resp)
+                status = sent.status  # a 500 if its headers could not be written
+                tracked.bytes_sent = sent.body_length
+            else:  # a backend's bodiless answer (HEAD, 204, 304) keeps aiohttp's writer
+                sent = resp
+                await resp.prepare(request)
+                await resp.write_eof()
         except ConnectionError:
             if status < 500:  # a server-side failure stays the reason it ended
                 self._out.end(tracked, CLIENT_DISCONNECTED)
-                return
-        body = resp.body if isinstance(resp, web.Response) else None
-        if isinstance(body, bytes):
-            tracked.bytes_sent = len(body)
+                return _gone(resp)
+        except TimeoutError:  # the client stopped reading a response it asked for
+            if request.transport is not None:
+                reset_connection(request.transport)
+            self._out.end(tracked, TIMED_OUT)
+            return _gone(resp)
         outcome = COMPLETED if status < 500 else TIMED_OUT if status == 504 else FAILED
         self._registry.finish(tracked, outcome, status)
+        return sent if status == resp.status else _gone(resp)
+
+    async def _write(self, request: web.BaseRequest, whole: Whole) -> Sent:
+        """Hand a whole response to the transport in one write; wait (idle-bounded) only
+        when the client is not reading and the transport's buffer is over its high water."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        keep_alive, head_only = request.keep_alive, request.method == "HEAD"
+        try:
+            data = serialize(whole, request.version, keep_alive, head_only)
+        except ValueError as exc:  # e.g. a newline in a database column: never split headers
+            log_event(log, "request.failed", logging.WARNING, request_id=whole.headers.get(
+                "X-Request-ID"), error="bad_header", reason=str(exc))  # fmt: skip
+            transport.write(serialize(_INTERNAL_ERROR, request.version, False, head_only))
+            return Sent(500, False, 0)
+        transport.write(data)
+        await self._drained(request, whole.headers.get("Content-Type", ""))
+        return Sent(whole.status, keep_alive, 0 if head_only else len(whole.body))
 
     async def _proxy(
         self, request: web.BaseRequest, resolved: Resolved, tracked: Tracked
@@ -289,7 +451,7 @@ class MediaHandler:
         tracked: Tracked,
         method: str,
         overrides: list[tuple[str, str]] | None = None,
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | Whole:
         route = resolved.route
         row = None
         if route.lookup is not None:  # /<prefix>/<id>[/<variant>] through the database
@@ -297,7 +459,7 @@ class MediaHandler:
             row = await self.lookups[route.prefix].resolve(media_id, variant)
             storage_name, key = row.storage, row.key
         else:
-            media_id, storage_name, key = None, route.storage or "", resolved.key
+            media_id, variant, storage_name, key = None, None, route.storage or "", resolved.key
         policy = self._access.get(route.prefix)
         if policy is not None:
             await policy.check(
@@ -328,7 +490,7 @@ class MediaHandler:
                 headers[name] = value
         status = decision.status
         if status == 304:
-            return web.Response(status=304, headers=headers)
+            return Whole(304, headers)
         if status == 412:
             return _json(412, "precondition_failed", headers)
         if status == 416:
@@ -351,13 +513,20 @@ class MediaHandler:
         headers["Content-Type"] = ctype
         length = ranges[0].length if ranges else 0
         if method == "HEAD" or length == 0:
-            headers["Content-Length"] = str(length)
-            return web.Response(status=status, headers=headers)
+            return Whole(status, headers, length=length)
 
         first_byte_s = timeouts.upstream_first_byte
         if length <= self._chunk:  # small: one read, one write carries headers and bytes
             data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
-            return web.Response(status=status, headers=headers, body=data)
+            # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
+            # request decides.
+            if status == 200 and policy is None and not route.internal:
+                if row is None:
+                    self._remember(request.raw_path, storage, meta, headers, None)
+                elif (resolver := self.lookups[route.prefix]).cache.enabled:
+                    ident = (media_id or "", variant)
+                    self._remember(request.raw_path, storage, meta, headers, (resolver, ident, row))
+            return Whole(status, headers, data)
         body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
         try:
             resp = web.StreamResponse(status=status, headers=headers)
@@ -448,10 +617,22 @@ def _whole(size: int) -> tuple[ByteRange, ...]:
     return (ByteRange(0, size - 1),) if size else ()
 
 
-def _json(status: int, code: str, headers: dict[str, str]) -> web.Response:
-    return web.Response(
-        status=status, headers=headers, body=orjson.dumps({"error": code}), content_type=_JSON
-    )
+def _json(status: int, code: str, headers: dict[str, str]) -> Whole:
+    headers["Content-Type"] = _JSON
+    return Whole(status, headers, orjson.dumps({"error": code}))
+
+
+def _gone(resp: web.StreamResponse | Whole) -> web.StreamResponse:
+    """What aiohttp gets for a response that ended without being (wholly) sent."""
+    if isinstance(resp, Whole):
+        return Sent(resp.status, False, 0)
+    resp.force_close()
+    return resp
+
+
+_INTERNAL_ERROR: Final = Whole(
+    500, {"Content-Type": _JSON}, orjson.dumps({"error": "internal_error"})
+)
 
 
 async def _timed(storage: Storage, aw: Awaitable[T], timeout_s: float) -> T:
