@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable
 
 import orjson
 from aiohttp import web
@@ -117,10 +118,11 @@ class Sidecar:
             await self.stop()
             raise
 
-    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        # One indirection, so that a reload reaches keep-alive connections too.
+    def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # One indirection, so that a reload reaches keep-alive connections too; a plain
+        # call returning the handler's coroutine, not a coroutine of its own around it.
         assert self._media_handler is not None
-        return await self._media_handler(request)
+        return self._media_handler(request)
 
     async def reload(self, cfg: Config) -> list[str]:
         """New requests use `cfg`; requests in flight finish on the old configuration.
