@@ -54,6 +54,10 @@ TRIM_AFTER_S: Final = 1.0
 MAX_RESUMING: Final = 32
 FAST_READ: Final = 64 * 1024  # the engine's full chunk (limits.chunk_size default)
 FAST_SOCKET_READ: Final = 256 * 1024  # asyncio's own max_size
+# Big socket reads only once a body has delivered this much: at the start every client
+# looks fast (kernel buffers take its first chunks), and 256 KiB recvs for hundreds of
+# streams starting at once were most of the per-stream peak (P12; 219 → 167 KiB at N=200).
+FAST_AFTER: Final = 4 * 1024 * 1024
 
 
 class _SmallBufferSession(AIOHTTPSession):  # type: ignore[misc]  # aiobotocore is untyped
@@ -110,6 +114,7 @@ class S3Body:
         "_closed",
         "_detach_s",
         "_end",
+        "_fast_below",
         "_meta",
         "_storage",
         "_timer",
@@ -126,6 +131,7 @@ class S3Body:
         # Without an ETag a resume could not be pinned to this version: never detach.
         self._detach_s = storage.detach_after_s if meta.etag != '""' else 0.0
         self.remaining = byte_range.length
+        self._fast_below = byte_range.length - FAST_AFTER  # big reads once `remaining` is below
 
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes; b"" only once the whole range was read."""
@@ -153,11 +159,13 @@ class S3Body:
             raise StorageError(f"S3 body failed: {exc}", storage=storage.name) from exc
         if not data:
             raise StorageError("S3 body ended early", storage=storage.name)
+        self.remaining -= len(data)
         _lower_read_marks(body, max(n, READ_BUFSIZE))
         # Small reads mean a slow client (the engine shrinks them): recv no more than that.
-        # Full-size reads mean a fast one: let the transport read in big gulps again.
-        _cap_socket_reads(body, max(n, READ_BUFSIZE) if n < FAST_READ else FAST_SOCKET_READ)
-        self.remaining -= len(data)
+        # Full-size reads past FAST_AFTER mean a fast one: let the transport read in big
+        # gulps again.
+        fast = n >= FAST_READ and self.remaining <= self._fast_below
+        _cap_socket_reads(body, FAST_SOCKET_READ if fast else max(n, READ_BUFSIZE))
         if self.remaining > 0 and self._detach_s > 0:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._detach_s, self._detach)
