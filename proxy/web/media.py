@@ -8,7 +8,7 @@ import logging
 import re
 import secrets
 from collections.abc import Awaitable, Mapping
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, TypeVar
 
 import orjson
 from aiohttp import web
@@ -36,9 +36,8 @@ from proxy.registry import (
     Registry,
     Tracked,
 )
-from proxy.resolver.lookup import LookupResolver, MediaRow, Querier, split_id
+from proxy.resolver.lookup import LookupResolver, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
-from proxy.storage.disk import DiskStorage
 from proxy.upstream import Upstream, UpstreamBody
 from proxy.web.forward import (
     AccelRedirect,
@@ -48,7 +47,8 @@ from proxy.web.forward import (
     response_headers,
 )
 from proxy.web.streaming import ResponseStream, abort, reset_connection
-from proxy.web.wire import Sent, Whole, fixed_fields, fixed_response, serialize
+from proxy.web.template import Template, Templates
+from proxy.web.wire import Sent, Whole, serialize
 
 log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
@@ -59,20 +59,6 @@ TRACKED: Final = web.RequestKey("tracked", Tracked)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
-
-
-class _Template(NamedTuple):
-    """A small file's 200 on a public disk route: headers serialized once, for each request
-    that names it by the same raw path with no Range or precondition (`_send_template`).
-    On a lookup route it holds while the route's cache holds the same row.
-    """
-
-    storage: DiskStorage
-    meta: ObjectMeta
-    whole: ByteRange
-    fixed: bytes
-    content_type: str
-    lookup: tuple[LookupResolver, tuple[str, str | None], MediaRow] | None
 
 
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -139,37 +125,46 @@ class MediaHandler:
         self._first_byte_s = cfg.timeouts.upstream_first_byte
         self._timeouts: dict[str, EffectiveTimeouts] = {}  # by content type, bounded below
         self._dates: dict[int, str] = {}  # Last-Modified strings, bounded below
-        self._templates: dict[str, _Template] = {}  # by raw path, bounded below
+        self._templates = Templates(registry)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         template = self._templates.get(request.raw_path)
         if template is not None:
-            sent = self._send_template(template, request)
-            if sent is not None:
-                tracked = request[TRACKED]
+            answered = self._templates.send(template, request, self._admit)
+            if answered is not None:
+                sent, tracked = answered
                 if tracked.outcome is not None:
                     return sent
                 return await self._drain_template(request, tracked, template, sent)
         return await self._handle_fully(request)
 
+    def _admit(self, request: web.BaseRequest, client: str) -> Tracked:
+        """Register the request (or raise Overloaded, counted `rejected`)."""
+        rid = request_id(request)
+        try:
+            tracked = self._registry.admit(request.method, request.raw_path, client, rid)
+        except Overloaded:
+            request[REQUEST_ID] = rid
+            raise
+        request[TRACKED] = tracked
+        tracked.request = request
+        if self._log_debug:  # per request: not even the call when debug is off
+            log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        return tracked
+
     async def _handle_fully(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request the templates do not answer: admission, resolution, the storage."""
-        rid = request_id(request)
-        raw_path = request.raw_path
         try:
-            tracked = self._registry.admit(request.method, raw_path, request.remote or "", rid)
-        except Overloaded as exc:  # counted `rejected` by the registry
-            request[REQUEST_ID] = rid
+            tracked = self._admit(request, request.remote or "")
+        except Overloaded as exc:
+            rid = request[REQUEST_ID]
             log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
             rejection = error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
             try:
                 return await self._write(request, rejection)
             except (ConnectionError, TimeoutError):
                 return Sent(rejection.status, False, 0)
-        request[TRACKED] = tracked
-        tracked.request = request
-        if self._log_debug:  # per request: not even the call when debug is off
-            log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
+        rid = tracked.request_id
         self.in_flight += 1
         try:
             resp = await self._handle(request, tracked, rid)
@@ -259,58 +254,8 @@ class MediaHandler:
             log.exception("request.crashed", extra={"conn": tracked.id, "request_id": rid})
             return error_response(ProxyError("internal error"), rid)
 
-    def _send_template(self, template: _Template, request: web.BaseRequest) -> Sent | None:
-        """Answer a request for a small plain file from its template, in one synchronous step.
-
-        Everything `_handle_fully` would decide again is fixed by the raw path (route, key,
-        access) or by the file (validators, type, length), and one lstat shows the file is
-        the same. None (nothing done, nothing counted) when the request has a Range or a
-        precondition, the file changed, the connection is closing or admission would refuse:
-        the full path then answers it. The request is counted like any other; it is still
-        active only if the client has not taken the bytes yet (`_drain_template`).
-        """
-        method, h = request.method, request.headers
-        if (method != "GET" and method != "HEAD") or (
-            "Range" in h
-            or "If-None-Match" in h
-            or "If-Modified-Since" in h
-            or "If-Match" in h
-            or "If-Unmodified-Since" in h
-        ):
-            return None
-        storage, meta = template.storage, template.meta
-        if not storage.unchanged(meta):
-            del self._templates[request.raw_path]
-            return None
-        transport, client, registry = request.transport, request.remote or "", self._registry
-        if transport is None or transport.is_closing() or not registry.has_room(client):
-            return None
-        body = b""
-        if method == "GET":
-            try:
-                body = storage.read_now(meta, template.whole)
-            except ProxyError:  # replaced after the lstat, or a read error: the full path
-                return None  # decides (and answers the error, if it persists)
-        lookup = template.lookup
-        if lookup is not None and not lookup[0].cache.holds(lookup[1], lookup[2]):
-            return None  # the row expired or was loaded again: ask the database
-        rid = request_id(request)
-        tracked = registry.admit(method, request.raw_path, client, rid)
-        request[TRACKED] = tracked
-        tracked.request = request
-        if self._log_debug:
-            log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
-        registry.attach(tracked, storage.name, meta.key, None)
-        registry.headers_sent(tracked)
-        keep_alive = request.keep_alive
-        transport.write(fixed_response(template.fixed, rid, request.version, keep_alive, body))
-        tracked.bytes_sent = len(body)
-        if not request.protocol.writing_paused:
-            registry.finish(tracked, COMPLETED, 200)
-        return Sent(200, keep_alive, len(body))
-
     async def _drain_template(
-        self, request: web.BaseRequest, tracked: Tracked, template: _Template, sent: Sent
+        self, request: web.BaseRequest, tracked: Tracked, template: Template, sent: Sent
     ) -> web.StreamResponse:
         """The client is not taking a template's bytes: wait for it, bounded by `idle`."""
         try:
@@ -335,28 +280,6 @@ class MediaHandler:
         if request.protocol.writing_paused:
             async with asyncio.timeout(self._timeouts_for(content_type).idle or None):
                 await request.writer.drain()
-
-    def _remember(
-        self,
-        raw_path: str,
-        storage: Storage,
-        meta: ObjectMeta,
-        headers: dict[str, str],
-        lookup: tuple[LookupResolver, tuple[str, str | None], MediaRow] | None,
-    ) -> None:
-        """Keep a small plain 200 from disk as a template (see `_send_template`)."""
-        if not isinstance(storage, DiskStorage) or not storage.plain_path(meta):
-            return  # through a symlink: resolved again on every request
-        if len(self._templates) >= _CACHE_MAX:
-            self._templates.clear()
-        fields = {name: value for name, value in headers.items() if name != "X-Request-ID"}
-        try:
-            fixed = fixed_fields(fields, meta.size)
-        except ValueError:  # a header that cannot be written: `_write` answers it, once
-            return
-        self._templates[raw_path] = _Template(
-            storage, meta, _whole(meta.size)[0], fixed, headers["Content-Type"], lookup
-        )
 
     async def _deliver(
         self, request: web.BaseRequest, resp: web.StreamResponse | Whole, tracked: Tracked
@@ -522,10 +445,10 @@ class MediaHandler:
             # request decides.
             if status == 200 and policy is None and not route.internal:
                 if row is None:
-                    self._remember(request.raw_path, storage, meta, headers, None)
+                    self._templates.remember(request.raw_path, storage, meta, headers, None)
                 elif (resolver := self.lookups[route.prefix]).cache.enabled:
-                    ident = (media_id or "", variant)
-                    self._remember(request.raw_path, storage, meta, headers, (resolver, ident, row))
+                    check = (resolver, (media_id or "", variant), row)
+                    self._templates.remember(request.raw_path, storage, meta, headers, check)
             return Whole(status, headers, data)
         body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
         try:
