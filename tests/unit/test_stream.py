@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import pytest
 
 from proxy.errors import StorageError
 from proxy.registry import Tracked
-from proxy.stream import pump
+from proxy.stream import pump, send_room
 
 
 class ListBody:
@@ -189,3 +190,26 @@ async def test_reads_start_small_grow_while_the_client_keeps_up_and_shrink_when_
     assert {len(c) for c in slow.written} == {16 * 1024}  # never more than the floor
     assert slow.drains == len(slow.written)  # and every write waits for the kernel
     assert b"".join(slow.written) == data
+
+
+def test_send_room_is_what_the_kernel_takes_without_the_client() -> None:
+    """The first sendfile slice may be this big: it needs no progress from the client."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that never reads
+        client.connect(server.getsockname())
+        conn, _ = server.accept()
+        with client, conn:
+            conn.setblocking(False)
+            room = send_room(conn)
+            assert room > 0
+            sent = 0
+            try:
+                while True:
+                    sent += conn.send(bytes(65536))
+            except BlockingIOError:
+                pass
+            assert sent >= room  # the kernel did take that much without a single read
+            assert send_room(conn) < 65536  # full now: slices fall back to their own size
+    assert send_room(None) == 0
+    assert send_room(conn) == 0  # closed
