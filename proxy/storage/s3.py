@@ -56,7 +56,7 @@ FAST_READ: Final = 64 * 1024  # the engine's full chunk (limits.chunk_size defau
 FAST_SOCKET_READ: Final = 256 * 1024  # asyncio's own max_size
 # Big socket reads only once a body has delivered this much: at the start every client
 # looks fast (kernel buffers take its first chunks), and 256 KiB recvs for hundreds of
-# streams starting at once were most of the per-stream peak (P12; 219 → 167 KiB at N=200).
+# streams starting at once were most of the per-stream peak (P12; 219 → 167 to 179 KiB at N=200).
 FAST_AFTER: Final = 4 * 1024 * 1024
 
 

@@ -28,6 +28,8 @@ RowCheck = tuple[LookupResolver, tuple[str, str | None], MediaRow]
 
 
 class Template(NamedTuple):
+    """One small file's 200 as it was sent, less the per-request headers."""
+
     storage: DiskStorage
     meta: ObjectMeta
     whole: ByteRange

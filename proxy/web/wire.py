@@ -68,17 +68,10 @@ def serialize(whole: Whole, version: HttpVersion, keep_alive: bool, head_only: b
         length = whole.length if whole.length is not None else len(whole.body)
         text += f"Content-Length: {length}\r\n"
         lines += 1
-    if (not keep_alive or version.minor == 0) and "Connection" not in headers:
-        if keep_alive:  # HTTP/1.0 asked for it
-            text += "Connection: keep-alive\r\n"
-            lines += 1
-        elif version.minor == 1:
-            text += "Connection: close\r\n"
-            lines += 1
-    if text.count("\n") != lines or text.count("\r") != lines:
-        raise ValueError("CR or LF inside a response header")
+    _check_lines(text, lines)
     status_line = _STATUS_LINES.get((version, status)) or _status_line(version, status)
-    head = b"".join((status_line, text.encode("utf-8"), _date_and_server()))
+    connection = b"" if "Connection" in headers else _CONNECTION[keep_alive, version.minor]
+    head = b"".join((status_line, text.encode("utf-8"), connection, _date_and_server()))
     if head_only or status in _BODYLESS or not whole.body:
         return head
     return head + whole.body
@@ -103,6 +96,14 @@ def _date_and_server() -> bytes:
 
 
 _STATUS_LINES: dict[tuple[HttpVersion, int], bytes] = {}
+# What aiohttp says about the connection, by (keep-alive, HTTP/1.minor): HTTP/1.1 keeps
+# connections unless told otherwise, HTTP/1.0 closes them unless told otherwise.
+_CONNECTION: Final = {
+    (True, 1): b"",
+    (False, 1): b"Connection: close\r\n",
+    (True, 0): b"Connection: keep-alive\r\n",
+    (False, 0): b"",
+}
 _clock_s = 0
 _clock_lines = b""
 
@@ -115,12 +116,7 @@ def fixed_response(
     `request_id` is printable ASCII by construction (media.request_id), so it is not
     checked again here: this is the hot path of small files.
     """
-    if keep_alive and version.minor == 1:
-        connection = b""
-    elif keep_alive:
-        connection = b"Connection: keep-alive\r\n"
-    else:
-        connection = b"Connection: close\r\n" if version.minor == 1 else b""
+    connection = _CONNECTION[keep_alive, version.minor]
     status_line = _STATUS_LINES.get((version, 200)) or _status_line(version, 200)
     return b"".join((status_line, fixed, b"X-Request-ID: ", request_id.encode("ascii"),
                      b"\r\n", connection, _date_and_server(), body))  # fmt: skip
@@ -130,6 +126,11 @@ def fixed_fields(headers: dict[str, str], length: int) -> bytes:
     """Headers that are the same for every response of one object, with its length."""
     text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     text += f"Content-Length: {length}\r\n"
-    if text.count("\n") != len(headers) + 1 or text.count("\r") != len(headers) + 1:
-        raise ValueError("CR or LF inside a response header")
+    _check_lines(text, len(headers) + 1)
     return text.encode("utf-8")
+
+
+def _check_lines(text: str, lines: int) -> None:
+    """`text` is exactly `lines` header lines: no CR or LF inside a name or value."""
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("CR or LF inside a response header")

@@ -62,6 +62,20 @@ def open_stream(port: int, path: str, rcvbuf: int = 8192) -> socket.socket:
     return client
 
 
+def read_until_closed(client: socket.socket, timeout_s: float) -> tuple[int, str]:
+    """Drain the socket; ('eof'|'reset'|'open', bytes) — 'open' if nothing ended it in time."""
+    client.settimeout(timeout_s)
+    got = 0
+    try:
+        while chunk := client.recv(65536):
+            got += len(chunk)
+    except ConnectionResetError:
+        return got, "reset"
+    except TimeoutError:
+        return got, "open"
+    return got, "eof"
+
+
 def error_lines(sidecar: SidecarProcess) -> list[str]:
     """Log lines at level error (a crash, an asyncio callback failing): there must be none."""
     return [line for line in sidecar.log.read_text().splitlines() if '"level":"error"' in line]

@@ -21,6 +21,7 @@ from tests.integration.sidecars import (
     error_lines,
     open_stream,
     quiet,
+    read_until_closed,
     running_sidecar,
     stats,
     wait_for_stats,
@@ -56,20 +57,6 @@ def request_warmup(sidecar: SidecarProcess) -> None:
     """One S3 and one disk request, so the pools and caches exist before baselines."""
     request(sidecar.port, "GET", "/s3/one.bin")
     request(sidecar.port, "GET", "/media/one.bin")
-
-
-def read_until_closed(client: socket.socket, timeout_s: float) -> tuple[int, str]:
-    """Drain the socket; ('eof'|'reset'|'open', bytes) — 'open' if nothing ended it in time."""
-    client.settimeout(timeout_s)
-    got = 0
-    try:
-        while chunk := client.recv(65536):
-            got += len(chunk)
-    except ConnectionResetError:
-        return got, "reset"
-    except TimeoutError:
-        return got, "open"
-    return got, "eof"
 
 
 @pytest.mark.parametrize("path", ["/media/big.bin", "/s3/big.bin"])
