@@ -1,16 +1,20 @@
 """What crosses an upstream route (SPEC §8): the request as the backend should see it, the
-response headers the client gets, and nginx's X-Accel-Redirect contract.
+response headers the client gets, nginx's X-Accel-Redirect contract, and the forwarding
+itself: the backend's answer streamed to the client.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final, NamedTuple
 
 from aiohttp import web
 
+from proxy.config import EffectiveTimeouts
 from proxy.errors import NotFound, RequestTooLarge
-from proxy.upstream import end_to_end
+from proxy.registry import Tracked
+from proxy.upstream import Upstream, UpstreamBody, end_to_end
+from proxy.web.streaming import ResponseStream
 
 VIA: Final = "1.1 media-sidecar"
 BODY_CHUNK: Final = 64 * 1024
@@ -99,3 +103,45 @@ def accel_redirect(backend: Mapping[str, str]) -> AccelRedirect | None:
         values = getall(name, []) if getall else [v for k, v in backend.items() if k == name]
         overrides += [(name, str(value)) for value in values]
     return AccelRedirect(target, overrides)
+
+
+async def forward(
+    request: web.BaseRequest,
+    upstream: Upstream,
+    tracked: Tracked,
+    out: ResponseStream,
+    timeouts_for: Callable[[str], EffectiveTimeouts],
+) -> web.StreamResponse | AccelRedirect:
+    """Forward to the backend; stream its answer, or return its X-Accel-Redirect."""
+    backend = await upstream.send(
+        request.method,
+        request.raw_path,
+        request_headers(request, tracked.request_id),
+        request_body(request, upstream.max_body_size),
+    )
+    source = UpstreamBody(backend, upstream.name)
+    try:
+        redirect = accel_redirect(backend.headers)
+        if redirect is not None:
+            return redirect  # the backend's body is dropped by close() below
+        headers = response_headers(backend.headers, tracked.request_id)
+        status = backend.status
+        if request.method == "HEAD" or status in (204, 304) or status < 200:
+            resp = web.Response(status=status, reason=backend.reason, headers=headers)
+            declared = backend.headers.get("Content-Length")
+            if declared is not None and request.method == "HEAD":
+                resp.headers["Content-Length"] = declared
+            return resp
+        streamed = web.StreamResponse(status=status, reason=backend.reason, headers=headers)
+        length = backend.content_length
+        if length is not None:
+            streamed.content_length = length
+        else:
+            streamed.enable_chunked_encoding()
+        writer = await out.start(request, streamed, tracked, length or 0)
+        timeouts = timeouts_for(backend.headers.get("Content-Type", ""))
+        if await out.stream(request, streamed, writer, source, length, tracked, timeouts):
+            await out.complete(request, streamed, tracked)
+        return streamed
+    finally:
+        source.close()

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from proxy.access import AccessPolicy
-from proxy.conditional import Decision, decide, http_date
+from proxy.conditional import decide, http_date
 from proxy.config import Config, EffectiveTimeouts
 from proxy.errors import (
     Forbidden,
@@ -26,7 +26,7 @@ from proxy.errors import (
 )
 from proxy.log import log_event
 from proxy.mediatype import content_disposition, guess_type
-from proxy.model import Body, ByteRange, ObjectMeta, Storage
+from proxy.model import ByteRange, Storage
 from proxy.ranges import content_range, unsatisfied_content_range
 from proxy.registry import (
     CLIENT_DISCONNECTED,
@@ -38,17 +38,13 @@ from proxy.registry import (
 )
 from proxy.resolver.lookup import LookupResolver, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
-from proxy.upstream import Upstream, UpstreamBody
-from proxy.web.forward import (
-    AccelRedirect,
-    accel_redirect,
-    request_body,
-    request_headers,
-    response_headers,
-)
-from proxy.web.streaming import ResponseStream, abort, reset_connection
+from proxy.upstream import Upstream
+from proxy.web.byteranges import send_byteranges
+from proxy.web.delivery import Delivery, gone
+from proxy.web.forward import AccelRedirect, forward
+from proxy.web.streaming import ResponseStream, reset_connection
 from proxy.web.template import Template, Templates
-from proxy.web.wire import Sent, Whole, serialize
+from proxy.web.wire import Sent, Whole
 
 log = logging.getLogger("proxy.stream")
 T = TypeVar("T")
@@ -126,6 +122,7 @@ class MediaHandler:
         self._timeouts: dict[str, EffectiveTimeouts] = {}  # by content type, bounded below
         self._dates: dict[int, str] = {}  # Last-Modified strings, bounded below
         self._templates = Templates(registry)
+        self._delivery = Delivery(registry, self._out, self._timeouts_for)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         template = self._templates.get(request.raw_path)
@@ -161,7 +158,7 @@ class MediaHandler:
             log_event(log, "request.rejected", logging.WARNING, request_id=rid, reason=str(exc))
             rejection = error_response(exc, rid, {"Retry-After": str(exc.retry_after_s)})
             try:
-                return await self._write(request, rejection)
+                return await self._delivery.write(request, rejection)
             except (ConnectionError, TimeoutError):
                 return Sent(rejection.status, False, 0)
         rid = tracked.request_id
@@ -169,7 +166,7 @@ class MediaHandler:
         try:
             resp = await self._handle(request, tracked, rid)
             if tracked.outcome is None:  # a whole response: hand it over here, then count it
-                return await self._deliver(request, resp, tracked)
+                return await self._delivery.deliver(request, resp, tracked)
             if isinstance(resp, Whole):  # it ended already (cut, aborted): nothing more goes out
                 return Sent(resp.status, False, 0)
             return resp
@@ -218,7 +215,11 @@ class MediaHandler:
             resolved = self._resolver.resolve(request.raw_path)
             method, overrides = request.method, None
             if resolved.route.upstream is not None:
-                forwarded = await self._proxy(request, resolved, tracked)
+                upstream = self._upstreams[resolved.route.upstream]
+                self._registry.attach(
+                    tracked, upstream.name, resolved.key, request.headers.get("Range")
+                )
+                forwarded = await forward(request, upstream, tracked, self._out, self._timeouts_for)
                 if not isinstance(forwarded, AccelRedirect):
                     return forwarded
                 # nginx's contract: serve the internal location with the client's own Range
@@ -259,113 +260,20 @@ class MediaHandler:
     ) -> web.StreamResponse:
         """The client is not taking a template's bytes: wait for it, bounded by `idle`."""
         try:
-            await self._drained(request, template.content_type)
+            await self._delivery.drained(request, template.content_type)
         except asyncio.CancelledError:
             self._cancelled(request, tracked)
             raise
         except ConnectionError:
             self._out.end(tracked, CLIENT_DISCONNECTED)
-            return _gone(sent)
+            return gone(sent)
         except TimeoutError:
             if request.transport is not None:
                 reset_connection(request.transport)
             self._out.end(tracked, TIMED_OUT)
-            return _gone(sent)
+            return gone(sent)
         self._registry.finish(tracked, COMPLETED, 200)
         return sent
-
-    async def _drained(self, request: web.BaseRequest, content_type: str) -> None:
-        """Wait until the transport's buffer is under its high water; TimeoutError after
-        `idle` (of the content type's class) without that."""
-        if request.protocol.writing_paused:
-            async with asyncio.timeout(self._timeouts_for(content_type).idle or None):
-                await request.writer.drain()
-
-    async def _deliver(
-        self, request: web.BaseRequest, resp: web.StreamResponse | Whole, tracked: Tracked
-    ) -> web.StreamResponse:
-        """Write a whole response now and record its outcome (5xx: failed or timed out)."""
-        status = resp.status
-        if status < 300:
-            self._registry.headers_sent(tracked)
-        try:
-            if isinstance(resp, Whole):
-                sent: web.StreamResponse = await self._write(request, resp)
-                status = sent.status  # a 500 if its headers could not be written
-                tracked.bytes_sent = sent.body_length
-            else:  # a backend's bodiless answer (HEAD, 204, 304) keeps aiohttp's writer
-                sent = resp
-                await resp.prepare(request)
-                await resp.write_eof()
-        except ConnectionError:
-            if status < 500:  # a server-side failure stays the reason it ended
-                self._out.end(tracked, CLIENT_DISCONNECTED)
-                return _gone(resp)
-        except TimeoutError:  # the client stopped reading a response it asked for
-            if request.transport is not None:
-                reset_connection(request.transport)
-            self._out.end(tracked, TIMED_OUT)
-            return _gone(resp)
-        outcome = COMPLETED if status < 500 else TIMED_OUT if status == 504 else FAILED
-        self._registry.finish(tracked, outcome, status)
-        return sent if status == resp.status else _gone(resp)
-
-    async def _write(self, request: web.BaseRequest, whole: Whole) -> Sent:
-        """Hand a whole response to the transport in one write; wait (idle-bounded) only
-        when the client is not reading and the transport's buffer is over its high water."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        keep_alive, head_only = request.keep_alive, request.method == "HEAD"
-        try:
-            data = serialize(whole, request.version, keep_alive, head_only)
-        except ValueError as exc:  # e.g. a newline in a database column: never split headers
-            log_event(log, "request.failed", logging.WARNING, request_id=whole.headers.get(
-                "X-Request-ID"), error="bad_header", reason=str(exc))  # fmt: skip
-            transport.write(serialize(_INTERNAL_ERROR, request.version, False, head_only))
-            return Sent(500, False, 0)
-        transport.write(data)
-        await self._drained(request, whole.headers.get("Content-Type", ""))
-        return Sent(whole.status, keep_alive, 0 if head_only else len(whole.body))
-
-    async def _proxy(
-        self, request: web.BaseRequest, resolved: Resolved, tracked: Tracked
-    ) -> web.StreamResponse | AccelRedirect:
-        """Forward to the backend; stream its answer, or return its X-Accel-Redirect."""
-        upstream = self._upstreams[resolved.route.upstream or ""]
-        self._registry.attach(tracked, upstream.name, resolved.key, request.headers.get("Range"))
-        backend = await upstream.send(
-            request.method,
-            request.raw_path,
-            request_headers(request, tracked.request_id),
-            request_body(request, upstream.max_body_size),
-        )
-        source = UpstreamBody(backend, upstream.name)
-        try:
-            redirect = accel_redirect(backend.headers)
-            if redirect is not None:
-                return redirect  # the backend's body is dropped by close() below
-            headers = response_headers(backend.headers, tracked.request_id)
-            status = backend.status
-            if request.method == "HEAD" or status in (204, 304) or status < 200:
-                resp = web.Response(status=status, reason=backend.reason, headers=headers)
-                declared = backend.headers.get("Content-Length")
-                if declared is not None and request.method == "HEAD":
-                    resp.headers["Content-Length"] = declared
-                return resp
-            out = web.StreamResponse(status=status, reason=backend.reason, headers=headers)
-            length = backend.content_length
-            if length is not None:
-                out.content_length = length
-            else:
-                out.enable_chunked_encoding()
-            writer = await self._out.start(request, out, tracked, length or 0)
-            timeouts = self._timeouts_for(backend.headers.get("Content-Type", ""))
-            if await self._out.stream(request, out, writer, source, length, tracked, timeouts):
-                await self._out.complete(request, out, tracked)
-            return out
-        finally:
-            source.close()
 
     async def _serve(
         self,
@@ -429,8 +337,19 @@ class MediaHandler:
         headers["X-Content-Type-Options"] = "nosniff"
         ranges = decision.ranges if status == 206 else _whole(meta.size)
         timeouts = self._timeouts_for(ctype)
+        first_byte_s = timeouts.upstream_first_byte
         if len(ranges) > 1:
-            return await self._multipart(request, storage, meta, decision, ctype, headers, tracked)
+            return await send_byteranges(
+                request,
+                self._out,
+                tracked,
+                ranges=ranges,
+                size=meta.size,
+                ctype=ctype,
+                headers=headers,
+                open_part=lambda r: _timed(storage, storage.open(meta, r), first_byte_s),
+                timeouts=timeouts,
+            )
         if status == 206:
             headers["Content-Range"] = content_range(ranges[0], meta.size)
         headers["Content-Type"] = ctype
@@ -438,7 +357,6 @@ class MediaHandler:
         if method == "HEAD" or length == 0:
             return Whole(status, headers, length=length)
 
-        first_byte_s = timeouts.upstream_first_byte
         if length <= self._chunk:  # small: one read, one write carries headers and bytes
             data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
             # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
@@ -478,63 +396,6 @@ class MediaHandler:
             self._timeouts[content_type] = found
         return found
 
-    async def _multipart(
-        self,
-        request: web.BaseRequest,
-        storage: Storage,
-        meta: ObjectMeta,
-        decision: Decision,
-        ctype: str,
-        headers: dict[str, str],
-        tracked: Tracked,
-    ) -> web.StreamResponse:
-        """RFC 9110 §14.6 multipart/byteranges (GET only), one storage read per part."""
-        timeouts = self._timeouts_for(ctype)
-        boundary = secrets.token_hex(16)
-        heads = [
-            f"--{boundary}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Range: {content_range(r, meta.size)}\r\n\r\n".encode("latin-1")
-            for r in decision.ranges
-        ]
-        tail = f"--{boundary}--\r\n".encode("latin-1")
-        total = sum(len(h) + r.length + 2 for h, r in zip(heads, decision.ranges, strict=True))
-        headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
-        resp = web.StreamResponse(status=206, headers=headers)
-        resp.content_length = total + len(tail)
-        first_byte_s = timeouts.upstream_first_byte
-        # The first part is opened before the headers go out, so its failure is still a 5xx.
-        body: Body | None = await _timed(
-            storage, storage.open(meta, decision.ranges[0]), first_byte_s
-        )
-        try:
-            writer = await self._out.start(request, resp, tracked, total + len(tail))
-            for head, r in zip(heads, decision.ranges, strict=True):
-                if body is None:
-                    body = await _timed(storage, storage.open(meta, r), first_byte_s)
-                await writer.write(head)
-                if not await self._out.stream(
-                    request, resp, writer, body, r.length, tracked, timeouts
-                ):
-                    return resp
-                await writer.write(b"\r\n")
-                body.close()
-                body = None
-            await writer.write(tail)
-            await self._out.complete(request, resp, tracked)
-            return resp
-        except ConnectionError:
-            abort(request, resp)
-            self._out.end(tracked, CLIENT_DISCONNECTED)
-            return resp
-        except (ProxyError, TimeoutError) as exc:  # a later part failed: cut, never short (P1)
-            timed_out = isinstance(exc, TimeoutError)
-            abort(request, resp, reset=timed_out)
-            self._out.end(tracked, TIMED_OUT if timed_out else FAILED)
-            return resp
-        finally:
-            if body is not None:
-                body.close()
-
 
 def _whole(size: int) -> tuple[ByteRange, ...]:
     return (ByteRange(0, size - 1),) if size else ()
@@ -543,19 +404,6 @@ def _whole(size: int) -> tuple[ByteRange, ...]:
 def _json(status: int, code: str, headers: dict[str, str]) -> Whole:
     headers["Content-Type"] = _JSON
     return Whole(status, headers, orjson.dumps({"error": code}))
-
-
-def _gone(resp: web.StreamResponse | Whole) -> web.StreamResponse:
-    """What aiohttp gets for a response that ended without being (wholly) sent."""
-    if isinstance(resp, Whole):
-        return Sent(resp.status, False, 0)
-    resp.force_close()
-    return resp
-
-
-_INTERNAL_ERROR: Final = Whole(
-    500, {"Content-Type": _JSON}, orjson.dumps({"error": "internal_error"})
-)
 
 
 async def _timed(storage: Storage, aw: Awaitable[T], timeout_s: float) -> T:

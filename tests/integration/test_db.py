@@ -664,7 +664,7 @@ async def test_many_distinct_queries_stay_bounded_per_session(
     make_db: MakeDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Reloads with ever new queries: a session keeps at most so many statements."""
-    monkeypatch.setattr("proxy.db.MAX_PREPARED_PER_CONNECTION", 2)
+    monkeypatch.setattr("proxy.db.statement.MAX_PREPARED_PER_CONNECTION", 2)
     db, _ = await make_db(pool_max=1)
     for n in range(5):
         query = f"SELECT {n} AS n, key FROM media WHERE id = %(id)s"
