@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -46,7 +45,7 @@ class Body(Protocol):
 class FileBody:
     """A byte range of an open local file: read in pieces, or handed to `sendfile`."""
 
-    __slots__ = ("_file", "_on_close", "fd", "offset", "remaining")
+    __slots__ = ("_on_close", "fd", "offset", "remaining")
 
     def __init__(
         self, fd: int, offset: int, length: int, on_close: Callable[[], None] | None = None
@@ -54,15 +53,7 @@ class FileBody:
         self.fd = fd  # owned: closed by close()
         self.offset = offset
         self.remaining = length
-        self._file: io.FileIO | None = None
         self._on_close = on_close  # the storage's count of open bodies (/stats)
-
-    @property
-    def file(self) -> io.FileIO:
-        """A file object over the descriptor, as loop.sendfile wants (made on first use)."""
-        if self._file is None:
-            self._file = io.FileIO(self.fd, "rb", closefd=False)
-        return self._file
 
     async def read(self, n: int) -> bytes:
         """Read up to `n` bytes of the range (page-cache reads; see storage/disk.py)."""

@@ -10,11 +10,8 @@ StorageError. The caller aborts the connection on any error after headers
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import socket
-import struct
-import termios
-from typing import Final
+import os
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -23,22 +20,12 @@ from proxy.errors import StorageError
 from proxy.model import Body, FileBody
 from proxy.registry import Tracked
 
-# sendfile is issued in slices so that "no progress for idle seconds" stays observable;
-# slices grow while the client keeps up and shrink when it is slow.
-SENDFILE_MIN_SLICE: Final = 256 * 1024
-SENDFILE_MAX_SLICE: Final = 16 * 1024 * 1024
-SLOW_SLICE_S: Final = 1.0
 # Copy path: reads shrink to this while the client is slower than the storage, so a
 # client that stalls leaves a small chunk queued, not a full one (pitfalls P12).
 MIN_CHUNK: Final = 16 * 1024
-
-_no_sendfile_loops: set[type[asyncio.AbstractEventLoop]] = set()
-_INT: Final = bytes(4)
-
-
-def sendfile_supported(loop: asyncio.AbstractEventLoop) -> bool:
-    """Tell whether `loop.sendfile` was not already found missing (uvloop, pitfalls P5)."""
-    return type(loop) not in _no_sendfile_loops
+# One sendfile call at most: the socket's free buffer bounds it anyway, this bounds how
+# long a client draining as fast as the kernel fills could hold the loop.
+SENDFILE_MAX: Final = 16 * 1024 * 1024
 
 
 async def pump(
@@ -59,22 +46,28 @@ async def pump(
     """
     if length is not None and length <= 0:
         return
-    loop = asyncio.get_running_loop()
-    if isinstance(body, FileBody) and sendfile_supported(loop):
-        if await _sendfile(request, loop, body, tracked, idle_timeout_s, deadline):
+    if isinstance(body, FileBody):
+        if await _sendfile(request, writer, body, tracked, idle_timeout_s, deadline):
             return
     await _copy(request, writer, body, length, tracked, chunk_size, idle_timeout_s, deadline)
 
 
-def send_room(sock: socket.socket | None) -> int:
-    """Bytes the socket's send buffer can take now (about half of SO_SNDBUF is payload)."""
-    if sock is None:
-        return 0
+def send_now(transport: asyncio.BaseTransport, fd: int, body: FileBody) -> int:
+    """sendfile what the socket `fd` takes at once (non-blocking); 0 when it is full.
+
+    The transport must queue nothing, so these bytes follow what it sent, in order.
+    """
+    if transport.is_closing():  # connection_lost already ran: the peer is gone
+        raise ConnectionResetError("client went away")
     try:
-        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
-        return max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 - queued, 0)
-    except (OSError, ValueError):  # a closed socket (-1), or not a TCP socket
+        sent = os.sendfile(fd, body.fd, body.offset, min(body.remaining, SENDFILE_MAX))
+    except BlockingIOError:
         return 0
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ConnectionResetError("client went away") from exc
+    body.offset += sent
+    body.remaining -= sent
+    return sent
 
 
 def _next_deadline(
@@ -129,40 +122,56 @@ async def _copy(
 
 async def _sendfile(
     request: web.BaseRequest,
-    loop: asyncio.AbstractEventLoop,
+    writer: AbstractStreamWriter,
     body: FileBody,
     tracked: Tracked,
     idle_s: float,
     hard_deadline: float | None,
 ) -> bool:
-    """Zero-copy the file range; False if this loop has no sendfile (nothing was sent)."""
+    """Zero-copy the file range on either loop; False (nothing sent) if it cannot.
+
+    Not `loop.sendfile`: uvloop has none (pitfalls P5), and asyncio's costs a future, a
+    pause and resume of reading and a writer callback per call. Here a warm 1 MiB range
+    is one syscall, and a full socket one wait for writability on a duplicate of its
+    descriptor (the loops refuse add_writer on a transport's own).
+    """
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("client went away")
-    slice_len = SENDFILE_MIN_SLICE
     sock = transport.get_extra_info("socket")
-    async with asyncio.timeout(None) as timer:
-        while body.remaining > 0:
-            timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
-            # What the kernel takes at once needs no progress from the client: a slice that
-            # big costs one sendfile instead of several (a 1 MiB range on a warm keep-alive
-            # connection), while a client that stalls leaves no room and slices stay small.
-            count = min(max(slice_len, send_room(sock)), body.remaining)
-            started = loop.time()
-            try:
-                await loop.sendfile(transport, body.file, body.offset, count, fallback=True)
-            except NotImplementedError:
-                _no_sendfile_loops.add(type(loop))
-                return False
-            except RuntimeError:
-                if transport.is_closing():  # asyncio's way of saying the peer is gone
-                    raise ConnectionResetError("client went away") from None
-                raise
-            body.offset += count
-            body.remaining -= count
-            tracked.sent(count)
-            if loop.time() - started < SLOW_SLICE_S / 4:
-                slice_len = min(slice_len * 2, SENDFILE_MAX_SLICE)
-            elif loop.time() - started > SLOW_SLICE_S:
-                slice_len = max(slice_len // 2, SENDFILE_MIN_SLICE)
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return False  # TLS carries records: the copy path writes through the transport
+    transport_any: Any = transport
+    if transport_any.get_write_buffer_size():  # the headers first, whole
+        transport_any.set_write_buffer_limits(high=0)
+        await writer.drain()
+    loop = asyncio.get_running_loop()
+    fd = os.dup(sock.fileno())
+    try:
+        async with asyncio.timeout(_next_deadline(loop, idle_s, hard_deadline)) as timer:
+            while body.remaining > 0:
+                before = body.remaining
+                sent = send_now(transport, fd, body)
+                if sent:
+                    tracked.sent(sent)
+                    timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
+                if sent == 0 or sent < min(before, SENDFILE_MAX):  # the socket is full
+                    await _writable(loop, fd)
+    finally:
+        os.close(fd)
     return True
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until the socket has room (or an error, which the next send reports)."""
+    ready = loop.create_future()
+    loop.add_writer(fd, _set_ready, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)

@@ -1,16 +1,20 @@
-"""The copy loop of stream.pump: backpressure, exact lengths, idle timeout (no sockets)."""
+"""stream.pump: backpressure, exact lengths, idle timeout; send_now over a real socket."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import struct
+import time
 from typing import Any
 
 import pytest
 
 from proxy.errors import StorageError
+from proxy.model import FileBody
 from proxy.registry import Tracked
-from proxy.stream import pump, send_room
+from proxy.stream import pump, send_now
 
 
 class ListBody:
@@ -192,24 +196,57 @@ async def test_reads_start_small_grow_while_the_client_keeps_up_and_shrink_when_
     assert b"".join(slow.written) == data
 
 
-def test_send_room_is_what_the_kernel_takes_without_the_client() -> None:
-    """The first sendfile slice may be this big: it needs no progress from the client."""
+class SocketTransport:
+    """The parts of a transport send_now looks at."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def is_closing(self) -> bool:
+        return self.sock.fileno() < 0
+
+
+def test_send_now_sends_what_the_kernel_takes_and_nothing_more(tmp_path: Any) -> None:
+    """One syscall for what fits; 0 once full; offsets advance; bytes arrive in order."""
+    data = os.urandom(8 * 1024 * 1024)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    body = FileBody(os.open(path, os.O_RDONLY), 1000, len(data) - 1000)
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that never reads
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client not reading yet
         client.connect(server.getsockname())
         conn, _ = server.accept()
         with client, conn:
             conn.setblocking(False)
-            room = send_room(conn)
-            assert room > 0
-            sent = 0
-            try:
-                while True:
-                    sent += conn.send(bytes(65536))
-            except BlockingIOError:
-                pass
-            assert sent >= room  # the kernel did take that much without a single read
-            assert send_room(conn) < 65536  # full now: slices fall back to their own size
-    assert send_room(None) == 0
-    assert send_room(conn) == 0  # closed
+            transport = SocketTransport(conn)
+            first = send_now(transport, conn.fileno(), body)
+            assert 0 < first < len(data) - 1000  # the socket took some, not 8 MiB
+            assert (body.offset, body.remaining) == (1000 + first, len(data) - 1000 - first)
+            assert send_now(transport, conn.fileno(), body) == 0  # full: nothing waits here
+            client.settimeout(5)
+            got = b""
+            while len(got) < first:
+                got += client.recv(1 << 20)
+            assert got == data[1000 : 1000 + first]
+        with pytest.raises(ConnectionResetError):  # the transport is closed
+            send_now(transport, -1, body)
+    body.close()
+
+
+def test_send_now_reports_a_reset_peer_as_a_disconnect(tmp_path: Any) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(1 << 20))
+    body = FileBody(os.open(path, os.O_RDONLY), 0, 1 << 20)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with conn:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST
+            time.sleep(0.05)
+            conn.setblocking(False)
+            with pytest.raises(ConnectionResetError):
+                for _ in range(3):  # the first send may still be accepted before the RST lands
+                    send_now(SocketTransport(conn), conn.fileno(), body)
+    body.close()
