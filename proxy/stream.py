@@ -26,6 +26,12 @@ MIN_CHUNK: Final = 16 * 1024
 # One sendfile call at most: the socket's free buffer bounds it anyway, this bounds how
 # long a client draining as fast as the kernel fills could hold the loop.
 SENDFILE_MAX: Final = 16 * 1024 * 1024
+# Chunks grow past MIN_CHUNK only after this much was sent: until then kernel buffers
+# take everything (several MiB on a loopback or LAN connection), so every client looks
+# fast, and bigger chunks for hundreds of starting streams were most of their peak
+# (bench-slow, S3 N=200: 133-179 -> 74-89 KiB per stalled stream). storage/s3.py's
+# FAST_AFTER holds S3 socket reads back for the same reason.
+GROW_AFTER: Final = 4 * 1024 * 1024
 
 
 async def pump(
@@ -98,7 +104,9 @@ async def _copy(
     transport.set_write_buffer_limits(high=0)
     sent = 0
     floor = min(MIN_CHUNK, chunk_size)
-    chunk = floor  # grows while the client keeps up: one that never reads costs one small chunk
+    chunk = (
+        floor  # grows while a proven client keeps up: one that never reads costs one small chunk
+    )
     async with asyncio.timeout(None) as timer:
         while length is None or sent < length:
             timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
@@ -114,7 +122,7 @@ async def _copy(
             if transport.get_write_buffer_size():
                 chunk = max(chunk // 2, floor)
                 await writer.drain()
-            elif chunk < chunk_size:
+            elif chunk < chunk_size and sent >= GROW_AFTER:
                 chunk = min(chunk * 2, chunk_size)
             sent += n
             tracked.sent(n)

@@ -14,7 +14,7 @@ import pytest
 from proxy.errors import StorageError
 from proxy.model import FileBody
 from proxy.registry import Tracked
-from proxy.stream import pump, send_now
+from proxy.stream import GROW_AFTER, pump, send_now
 
 
 class ListBody:
@@ -177,15 +177,18 @@ class SlowClientSink(GateSink):
         self.queued = len(data)
 
 
-async def test_reads_start_small_grow_while_the_client_keeps_up_and_shrink_when_not() -> None:
+async def test_reads_stay_small_until_grow_after_then_grow_while_the_client_keeps_up() -> None:
     chunk = 64 * 1024
-    data = bytes(range(256)) * 2048  # 512 KiB
+    data = bytes(range(256)) * (GROW_AFTER // 256 + 2048)  # GROW_AFTER + 512 KiB
     fast = GateSink()
     fast.gate.set()
     await run_pump(ListBody([data]), fast, len(data), chunk_size=chunk)
     sizes = [len(c) for c in fast.written]
-    assert sizes[:3] == [16 * 1024, 32 * 1024, chunk]  # a client that never reads costs 16 KiB
-    assert set(sizes[2:-1]) == {chunk} and fast.drains == 0  # the last one is the rest
+    small = GROW_AFTER // (16 * 1024)
+    # Every client looks fast while kernel buffers fill: 16 KiB until GROW_AFTER was sent.
+    assert set(sizes[:small]) == {16 * 1024}
+    assert sizes[small : small + 3] == [16 * 1024, 32 * 1024, chunk]
+    assert set(sizes[small + 2 : -1]) == {chunk} and fast.drains == 0  # the last is the rest
     assert b"".join(fast.written) == data
 
     slow = SlowClientSink()
