@@ -42,6 +42,30 @@ class Body(Protocol):
     def close(self) -> None: ...
 
 
+class SocketBody(Body, Protocol):
+    """A body whose remaining bytes can be taken straight off its plain TCP socket (splice).
+
+    After `handover()` returned a socket, nothing reads the body through its client any
+    more: the caller pulls the bytes itself, reports them with `spliced(n)`, and either
+    pulls all of them or calls `let_go()`, after which `read()` fetches the rest anew.
+    """
+
+    remaining: int
+
+    def handover(self) -> tuple[int, bytes] | None:
+        """(a duplicate of the socket's descriptor, bytes already buffered), or None."""
+        ...
+
+    def spliced(self, n: int) -> None: ...
+
+    def let_go(self) -> None: ...
+
+    @property
+    def stall_s(self) -> float:
+        """How long a client may stall before `let_go()` is worth its cost (0: never)."""
+        ...
+
+
 class FileBody:
     """A byte range of an open local file: read in pieces, or handed to `sendfile`."""
 

@@ -10,6 +10,8 @@ StorageError. The caller aborts the connection on any error after headers
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 from typing import Any, Final
 
@@ -17,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.errors import StorageError
-from proxy.model import Body, FileBody
+from proxy.model import Body, FileBody, SocketBody
 from proxy.registry import Tracked
 
 # Copy path: reads shrink to this while the client is slower than the storage, so a
@@ -32,6 +34,13 @@ SENDFILE_MAX: Final = 16 * 1024 * 1024
 # (bench-slow, S3 N=200: 133-179 -> 74-89 KiB per stalled stream). storage/s3.py's
 # FAST_AFTER holds S3 socket reads back for the same reason.
 GROW_AFTER: Final = 4 * 1024 * 1024
+# Bodies with less than this left are copied: a pipe and its syscalls cost more.
+SPLICE_MIN: Final = 1024 * 1024
+# The pipe between a storage socket and a client's: what a stalled client leaves in it
+# (kernel memory), PIPE_START until the client took GROW_AFTER, like the copy chunks.
+PIPE_START: Final = 64 * 1024
+PIPE_SIZE: Final = 256 * 1024
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 async def pump(
@@ -104,9 +113,8 @@ async def _copy(
     transport.set_write_buffer_limits(high=0)
     sent = 0
     floor = min(MIN_CHUNK, chunk_size)
-    chunk = (
-        floor  # grows while a proven client keeps up: one that never reads costs one small chunk
-    )
+    chunk = floor  # grows while a proven client keeps up; one that never reads costs 16 KiB
+    splicer = _splicer(transport, body, length)
     async with asyncio.timeout(None) as timer:
         while length is None or sent < length:
             timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
@@ -126,6 +134,131 @@ async def _copy(
                 chunk = min(chunk * 2, chunk_size)
             sent += n
             tracked.sent(n)
+            if splicer is not None and length is not None and length - sent >= SPLICE_MIN:
+                # The rest goes socket to socket through a pipe, never through user
+                # space, until done or until the client stalls.
+                pulled = await _splice(
+                    loop, transport, writer, splicer, sent, tracked, timer, idle_s, hard_deadline
+                )
+                if pulled is None:
+                    splicer = None  # the body could not hand its socket over: copy on
+                else:
+                    sent += pulled
+                    chunk = floor  # the client stalled (or it is done): prove itself again
+
+
+def _splicer(transport: asyncio.BaseTransport, body: Body, length: int | None) -> Any:
+    """The body, if its socket could be spliced to this client's; else None."""
+    if length is None or length < SPLICE_MIN or not hasattr(body, "handover"):
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    if transport.get_extra_info("socket") is None:
+        return None
+    return body
+
+
+async def _splice(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.BaseTransport,
+    writer: AbstractStreamWriter,
+    body: SocketBody,
+    sent: int,
+    tracked: Tracked,
+    timer: asyncio.Timeout,
+    idle_s: float,
+    hard_deadline: float | None,
+) -> int | None:
+    """Move the body's bytes socket → pipe → client socket; bytes delivered, None if refused.
+
+    Returns when the body is done, or after the client stalled longer than the body's
+    `stall_s`: the body then lets go of its connection (its `read` fetches the rest
+    anew) and the pipe's bytes are delivered first: at most PIPE_START until `sent` plus
+    what this call delivered reaches GROW_AFTER, PIPE_SIZE after that.
+    """
+    handed = body.handover()
+    if handed is None:
+        return None
+    upstream, buffered = handed
+    del handed  # the tuple would keep `buffered` alive for the whole splice
+    delivered = 0
+    pipe_r = pipe_w = client = -1
+    try:
+        if buffered:  # what aiohttp had read already goes first, through the transport
+            await writer.write(buffered)
+            await writer.drain()  # high-water 0: the transport queues nothing after this
+            delivered += len(buffered)
+            tracked.sent(len(buffered))
+            timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
+            del buffered
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        client = os.dup(sock.fileno())
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only costs more syscalls
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        attached = True
+        in_pipe = 0
+        cap = PIPE_SIZE if sent >= GROW_AFTER else PIPE_START
+        while (attached and body.remaining > 0) or in_pipe:
+            moved = False
+            if cap < PIPE_SIZE and sent + delivered >= GROW_AFTER:
+                cap = PIPE_SIZE
+            if attached and body.remaining > 0 and in_pipe < cap:
+                n = _splice_from_storage(upstream, pipe_w, min(body.remaining, cap - in_pipe))
+                if n:
+                    body.spliced(n)
+                    in_pipe += n
+                    moved = True
+            if in_pipe:
+                m = _splice_to_client(transport, pipe_r, client, in_pipe)
+                if m:
+                    in_pipe -= m
+                    delivered += m
+                    tracked.sent(m)
+                    timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
+                    moved = True
+            if moved:
+                continue
+            if not in_pipe:  # the pipe is empty and S3 had nothing yet
+                await _ready(loop, upstream, write=False)
+            elif attached and body.remaining > 0 and body.stall_s:
+                if not await _ready(loop, client, write=True, within=body.stall_s):
+                    body.let_go()  # a stalled client holds no S3 connection (P12)
+                    attached = False
+                    os.close(upstream)  # our duplicate kept the socket open
+                    upstream = -1
+            else:
+                await _ready(loop, client, write=True)
+    finally:
+        for fd in (pipe_r, pipe_w, client, upstream):
+            if fd >= 0:
+                os.close(fd)
+    return delivered
+
+
+def _splice_from_storage(upstream: int, pipe_w: int, n: int) -> int:
+    try:
+        got = os.splice(upstream, pipe_w, n, flags=_SPLICE_FLAGS)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise StorageError(f"storage connection failed: {exc.strerror}") from exc
+    if got == 0:
+        raise StorageError("storage body ended early")
+    return got
+
+
+def _splice_to_client(transport: asyncio.BaseTransport, pipe_r: int, client: int, n: int) -> int:
+    if transport.is_closing():
+        raise ConnectionResetError("client went away")
+    try:
+        return os.splice(pipe_r, client, n, flags=_SPLICE_FLAGS)
+    except BlockingIOError:
+        return 0
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ConnectionResetError("client went away") from exc
 
 
 async def _sendfile(
@@ -164,22 +297,36 @@ async def _sendfile(
                     tracked.sent(sent)
                     timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
                 if sent == 0 or sent < min(before, SENDFILE_MAX):  # the socket is full
-                    await _writable(loop, fd)
+                    await _ready(loop, fd, write=True)
     finally:
         os.close(fd)
     return True
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Wait until the socket has room (or an error, which the next send reports)."""
-    ready = loop.create_future()
-    loop.add_writer(fd, _set_ready, ready)
+async def _ready(
+    loop: asyncio.AbstractEventLoop, fd: int, *, write: bool, within: float | None = None
+) -> bool:
+    """Wait until `fd` is writable (or readable); False if `within` seconds passed first.
+
+    An error or hang-up counts as ready: the next syscall reports it.
+    """
+    ready: asyncio.Future[bool] = loop.create_future()
+    if write:
+        loop.add_writer(fd, _set_ready, ready, True)
+    else:
+        loop.add_reader(fd, _set_ready, ready, True)
+    expire = loop.call_later(within, _set_ready, ready, False) if within else None
     try:
-        await ready
+        return await ready
     finally:
-        loop.remove_writer(fd)
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+        if expire is not None:
+            expire.cancel()
 
 
-def _set_ready(ready: asyncio.Future[None]) -> None:
+def _set_ready(ready: asyncio.Future[bool], value: bool) -> None:
     if not ready.done():
-        ready.set_result(None)
+        ready.set_result(value)

@@ -115,6 +115,7 @@ class S3Body:
         "_detach_s",
         "_end",
         "_fast_below",
+        "_handed",
         "_meta",
         "_storage",
         "_timer",
@@ -128,6 +129,7 @@ class S3Body:
         self._body: Any = body  # None while detached
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._handed = False  # the socket's bytes are pulled by the engine (handover)
         # Without an ETag a resume could not be pinned to this version: never detach.
         self._detach_s = storage.detach_after_s if meta.etag != '""' else 0.0
         self.remaining = byte_range.length
@@ -138,6 +140,8 @@ class S3Body:
         if self.remaining <= 0:
             return b""
         storage = self._storage
+        if self._handed:  # the engine owns the socket until let_go()
+            raise StorageError("S3 body read while handed over", storage=storage.name)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -170,6 +174,59 @@ class S3Body:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self._detach_s, self._detach)
         return data
+
+    @property
+    def stall_s(self) -> float:
+        """How long a client may stall before this body lets go of S3 (0: never)."""
+        return self._detach_s
+
+    def handover(self) -> tuple[int, bytes] | None:
+        """Hand the rest of the body over as (a dup of the S3 socket, bytes already read).
+
+        Only for a plain-TCP, Content-Length body still on its socket: its remaining bytes
+        are then exactly the socket's next bytes. aiohttp's reader is drained and its
+        reading paused for good; the connection is closed, never reused, by close() or
+        let_go(). The caller reports what it pulls with spliced().
+        """
+        body = self._body
+        if body is None or self._closed or self._handed:
+            return None
+        try:
+            response = body.raw_stream
+            connection = response.connection
+            content = response.content
+            transport: Any = connection.transport if connection is not None else None
+            protocol: Any = connection.protocol if connection is not None else None
+        except AttributeError:
+            return None
+        if transport is None or protocol is None or transport.is_closing():
+            return None
+        if transport.get_extra_info("sslcontext") is not None:  # TLS records on the socket
+            return None
+        if "Transfer-Encoding" in response.headers:  # chunk framing on the socket
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None or content.is_eof() or content.exception() is not None:
+            return None  # everything already read, or a failed body: the read path decides
+        buffered: bytes = content.read_nowait(-1)  # may resume reading: paused just below
+        protocol.pause_reading()  # aiohttp's flag too, so nothing resumes it behind us
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._handed = True
+        self.remaining -= len(buffered)
+        self._storage.handovers_total += 1
+        return os.dup(sock.fileno()), buffered
+
+    def spliced(self, n: int) -> None:
+        """`n` more bytes were taken off the handed-over socket."""
+        self.remaining -= n
+        self._storage.spliced_bytes_total += n
+
+    def let_go(self) -> None:
+        """Give the S3 connection back while the client stalls; read() re-GETs the rest."""
+        self._handed = False
+        self._detach()
 
     def close(self) -> None:
         """Release the connection: back to the pool when fully read, else closed (P7)."""
@@ -266,6 +323,8 @@ class S3Storage:
         self.resume_timed_out_total = 0
         self.uncapped_total = 0
         self.trims_total = 0
+        self.handovers_total = 0
+        self.spliced_bytes_total = 0
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -391,6 +450,8 @@ class S3Storage:
             "trims_total": self.trims_total,
             "resume_queued_total": self.resume_queued_total,
             "resume_timed_out_total": self.resume_timed_out_total,
+            "handovers_total": self.handovers_total,
+            "spliced_bytes_total": self.spliced_bytes_total,
         }
 
     async def probe(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from proxy.stream import SPLICE_MIN
 from tests.conftest import S3_PREFIX, SidecarProcess, free_port, make_config
 from tests.faults.clients import fetch
 from tests.faults.fake_s3 import FakeS3
@@ -22,6 +23,10 @@ FIRST_BYTE_S = 1.0
 IDLE_S = 1.0
 DATA = random.Random(5).randbytes(3 * 1024 * 1024 + 17)
 KEY = "faulty.bin"
+# Bodies of at least SPLICE_MIN are spliced socket to socket, smaller ones copied: each
+# mid-body fault is checked on both paths.
+SMALL_KEY = "small.bin"
+PATHS = {KEY: DATA, SMALL_KEY: DATA[: SPLICE_MIN - 100_000]}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +60,8 @@ def sidecar(
 def s3(fake: FakeS3, sidecar: SidecarProcess) -> Iterator[FakeS3]:
     """The fake with KEY stored and no faults; afterwards every S3 response was released."""
     fake.reset()
-    fake.put(S3_PREFIX + KEY, DATA, "application/octet-stream")
+    for key, data in PATHS.items():
+        fake.put(S3_PREFIX + key, data, "application/octet-stream")
     yield fake
     settle(sidecar)
     deadline = time.monotonic() + 5
@@ -75,6 +81,11 @@ def settle(sidecar: SidecarProcess) -> Any:
         10,
         "settled",
     )
+
+
+def handovers(before: Any, after: Any) -> int:
+    key = "handovers_total"
+    return int(after["storages"]["uploads"][key] - before["storages"]["uploads"][key])
 
 
 def delta(before: Any, after: Any) -> dict[str, int]:
@@ -98,33 +109,37 @@ def test_storage_silent_before_first_byte_is_504_within_the_timeout(
     assert after["responses"]["5xx"] - before["responses"]["5xx"] == 1
 
 
+@pytest.mark.parametrize("key", [KEY, SMALL_KEY], ids=["spliced", "copied"])
 def test_storage_stalling_mid_body_is_aborted_after_idle(
-    sidecar: SidecarProcess, s3: FakeS3
+    sidecar: SidecarProcess, s3: FakeS3, key: str
 ) -> None:
-    s3.fault(S3_PREFIX + KEY, stall_after=200_000)
+    s3.fault(S3_PREFIX + key, stall_after=200_000)
     before = settle(sidecar)
     started = time.monotonic()
-    got = fetch(sidecar.port, f"/s3/{KEY}", timeout_s=10)
+    got = fetch(sidecar.port, f"/s3/{key}", timeout_s=10)
     elapsed = time.monotonic() - started
     assert got.status == 200 and got.ending in ("reset", "eof"), got.ending  # never "complete"
-    assert len(got.body) < len(DATA) and DATA.startswith(got.body)
+    assert len(got.body) < len(PATHS[key]) and PATHS[key].startswith(got.body)
     assert IDLE_S * 0.9 <= elapsed < IDLE_S + 2.0, elapsed
     after = settle(sidecar)
     assert delta(before, after)["timed_out"] == 1
     assert delta(before, after)["completed"] == 0
+    assert handovers(before, after) == (key == KEY)
 
 
+@pytest.mark.parametrize("key", [KEY, SMALL_KEY], ids=["spliced", "copied"])
 @pytest.mark.parametrize("rst", [False, True])
 def test_storage_cutting_the_body_aborts_the_client_connection(
-    sidecar: SidecarProcess, s3: FakeS3, rst: bool
+    sidecar: SidecarProcess, s3: FakeS3, rst: bool, key: str
 ) -> None:
-    s3.fault(S3_PREFIX + KEY, cut_after=300_000, rst=rst)
+    s3.fault(S3_PREFIX + key, cut_after=300_000, rst=rst)
     before = settle(sidecar)
     for keep_alive in (True, False):  # never complete-looking, whatever the framing
-        got = fetch(sidecar.port, f"/s3/{KEY}", keep_alive=keep_alive, timeout_s=10)
+        got = fetch(sidecar.port, f"/s3/{key}", keep_alive=keep_alive, timeout_s=10)
         assert got.status == 200 and got.ending in ("reset", "eof"), got.ending
-        assert len(got.body) < len(DATA) and DATA.startswith(got.body)
+        assert len(got.body) < len(PATHS[key]) and PATHS[key].startswith(got.body)
     after = settle(sidecar)
+    assert handovers(before, after) == (2 if key == KEY else 0)
     d = delta(before, after)
     assert (d["failed"], d["completed"], d["active"]) == (2, 0, 0)
     assert after["storages"]["uploads"]["failed"] - before["storages"]["uploads"]["failed"] == 2

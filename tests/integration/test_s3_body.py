@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -410,3 +411,90 @@ async def test_released_bodies_trim_the_heap_once_per_delay(
         "resume_timed_out_total",
         "trims_total",
     } <= figures.keys()
+
+
+async def pull(fd: int, n: int) -> bytes:
+    """Read exactly `n` bytes off a handed-over (non-blocking) socket descriptor."""
+    loop = asyncio.get_running_loop()
+    parts: list[bytes] = []
+    while n > 0:
+        try:
+            chunk = os.read(fd, min(n, 1 << 20))
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(fd, ready.set_result, None)
+            try:
+                await asyncio.wait_for(ready, 5)
+            finally:
+                loop.remove_reader(fd)
+            continue
+        assert chunk, "the S3 socket ended early"
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+async def test_handover_gives_exactly_the_rest_on_the_socket(s3: S3Storage) -> None:
+    byte_range = ByteRange(1000, len(BIG) - 2000)
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, byte_range)
+    try:
+        first = await body.read(CHUNK)
+        handed = body.handover()
+        assert handed is not None
+        fd, buffered = handed
+        try:
+            assert body.handover() is None  # once
+            with pytest.raises(StorageError):  # aiohttp no longer reads this body
+                await body.read(CHUNK)
+            assert body.remaining == byte_range.length - len(first) - len(buffered)
+            rest = await pull(fd, body.remaining)
+            body.spliced(len(rest))
+        finally:
+            os.close(fd)
+        assert body.remaining == 0 and await body.read(CHUNK) == b""
+        assert (s3.handovers_total, s3.spliced_bytes_total) == (1, len(rest))
+    finally:
+        body.close()
+    await settle()
+    assert first + buffered + rest == BIG[byte_range.start : byte_range.end + 1]
+    assert s3.connections_in_use() == 0  # a handed-over connection is closed, never reused
+    assert s3.idle() == 0
+
+
+async def test_let_go_after_handover_resumes_byte_exact(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    try:
+        first = await body.read(CHUNK)
+        handed = body.handover()
+        assert handed is not None
+        fd, buffered = handed
+        try:
+            middle = await pull(fd, 100_003)
+            body.spliced(len(middle))
+            body.let_go()  # the client stalled: the connection goes, the bytes read stay ours
+        finally:
+            os.close(fd)
+        await settle()
+        assert (s3.connections_in_use(), s3.detached_active) == (0, 1)
+        rest = await read_all(body, [CHUNK], pause_every=0)  # resumes where the socket was
+    finally:
+        body.close()
+    await settle()
+    assert first + buffered + middle + rest == BIG
+    assert (s3.resumed_total, s3.detached_active, s3.connections_in_use()) == (1, 0, 0)
+
+
+async def test_no_handover_once_the_whole_body_was_read(s3: S3Storage) -> None:
+    meta = await s3.stat("big.bin")
+    body = await s3.open(meta, ByteRange(0, 99))
+    try:
+        for _ in range(50):  # aiohttp reads a 100-byte body with its headers
+            if body._body.raw_stream.content.is_eof():
+                break
+            await asyncio.sleep(0.01)
+        assert body.handover() is None
+        assert await body.read(CHUNK) == BIG[:100]  # and the body still reads normally
+    finally:
+        body.close()
