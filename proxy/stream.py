@@ -201,6 +201,7 @@ async def _splice(
         attached = True
         in_pipe = 0
         cap = PIPE_SIZE if sent >= GROW_AFTER else PIPE_START
+        progressed = False
         while (attached and body.remaining > 0) or in_pipe:
             moved = False
             if cap < PIPE_SIZE and sent + delivered >= GROW_AFTER:
@@ -217,10 +218,14 @@ async def _splice(
                     in_pipe -= m
                     delivered += m
                     tracked.sent(m)
-                    timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
-                    moved = True
+                    moved = progressed = True
             if moved:
                 continue
+            # Only an await lets the timer fire: move the idle deadline once per wait,
+            # not once per splice (a reschedule is a heap push and a cancel).
+            if progressed:
+                timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
+                progressed = False
             if not in_pipe:  # the pipe is empty and S3 had nothing yet
                 await _ready(loop, upstream, write=False)
             elif attached and body.remaining > 0 and body.stall_s:
@@ -231,6 +236,8 @@ async def _splice(
                     upstream = -1
             else:
                 await _ready(loop, client, write=True)
+        if progressed:
+            timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
     finally:
         for fd in (pipe_r, pipe_w, client, upstream):
             if fd >= 0:
