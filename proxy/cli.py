@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -70,11 +71,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return EXIT_OK
     setup_logging(cfg.logging.level, cfg.logging.format)
+    raise_fd_limit()
     if cfg.server.event_loop == "uvloop":
         import uvloop
 
         return uvloop.run(serve(cfg))
     return asyncio.run(serve(cfg))
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft limit on open descriptors to the hard one; return the soft limit.
+
+    A stream holds up to six (client, file or S3 socket, and a pipe plus two duplicates
+    while spliced): the usual soft limit of 1024 would fail near 200 streams, far below
+    `limits.max_streams`. nginx does the same with `worker_rlimit_nofile`.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # a sandbox may refuse: keep the soft limit
+            pass
+    return soft
 
 
 async def serve(cfg: Config) -> int:
@@ -110,6 +130,7 @@ async def serve(cfg: Config) -> int:
         event_loop=cfg.server.event_loop,
         config=cfg.source,
         pid=os.getpid(),
+        fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)

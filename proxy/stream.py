@@ -176,14 +176,27 @@ async def _splice(
     anew) and the pipe's bytes are delivered first: at most PIPE_START until `sent` plus
     what this call delivered reaches GROW_AFTER, PIPE_SIZE after that.
     """
-    handed = body.handover()
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    pipe_r = pipe_w = client = upstream = -1
+    try:  # descriptors first: without them (EMFILE) the body is copied, nothing lost
+        client = os.dup(sock.fileno())
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        handed = body.handover()
+    except OSError:
+        handed = None
     if handed is None:
+        for fd in (pipe_r, pipe_w, client):
+            if fd >= 0:
+                os.close(fd)
         return None
     upstream, buffered = handed
     del handed  # the tuple would keep `buffered` alive for the whole splice
     delivered = 0
-    pipe_r = pipe_w = client = -1
     try:
+        with contextlib.suppress(OSError):  # a smaller pipe only costs more syscalls
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         if buffered:  # what aiohttp had read already goes first, through the transport
             await writer.write(buffered)
             await writer.drain()  # high-water 0: the transport queues nothing after this
@@ -191,13 +204,6 @@ async def _splice(
             tracked.sent(len(buffered))
             timer.reschedule(_next_deadline(loop, idle_s, hard_deadline))
             del buffered
-        sock = transport.get_extra_info("socket")
-        if sock is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        client = os.dup(sock.fileno())
-        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe only costs more syscalls
-            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         attached = True
         in_pipe = 0
         cap = PIPE_SIZE if sent >= GROW_AFTER else PIPE_START
@@ -294,7 +300,10 @@ async def _sendfile(
         transport_any.set_write_buffer_limits(high=0)
         await writer.drain()
     loop = asyncio.get_running_loop()
-    fd = os.dup(sock.fileno())
+    try:
+        fd = os.dup(sock.fileno())
+    except OSError:  # out of descriptors (EMFILE): the copy path needs none
+        return False
     try:
         async with asyncio.timeout(_next_deadline(loop, idle_s, hard_deadline)) as timer:
             while body.remaining > 0:

@@ -186,7 +186,8 @@ class S3Body:
         Only for a plain-TCP, Content-Length body still on its socket: its remaining bytes
         are then exactly the socket's next bytes. aiohttp's reader is drained and its
         reading paused for good; the connection is closed, never reused, by close() or
-        let_go(). The caller reports what it pulls with spliced().
+        let_go(). The caller reports what it pulls with spliced(). OSError (out of
+        descriptors) leaves the body as it was.
         """
         body = self._body
         if body is None or self._closed or self._handed:
@@ -208,6 +209,7 @@ class S3Body:
         sock = transport.get_extra_info("socket")
         if sock is None or content.is_eof() or content.exception() is not None:
             return None  # everything already read, or a failed body: the read path decides
+        fd = os.dup(sock.fileno())  # first: EMFILE raises here, with nothing changed yet
         buffered: bytes = content.read_nowait(-1)  # may resume reading: paused just below
         protocol.pause_reading()  # aiohttp's flag too, so nothing resumes it behind us
         if self._timer is not None:
@@ -216,7 +218,7 @@ class S3Body:
         self._handed = True
         self.remaining -= len(buffered)
         self._storage.handovers_total += 1
-        return os.dup(sock.fileno()), buffered
+        return fd, buffered
 
     def spliced(self, n: int) -> None:
         """`n` more bytes were taken off the handed-over socket."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import struct
@@ -14,7 +15,7 @@ import pytest
 from proxy.errors import StorageError
 from proxy.model import FileBody
 from proxy.registry import Tracked
-from proxy.stream import GROW_AFTER, pump, send_now
+from proxy.stream import GROW_AFTER, SPLICE_MIN, pump, send_now
 
 
 class ListBody:
@@ -253,3 +254,62 @@ def test_send_now_reports_a_reset_peer_as_a_disconnect(tmp_path: Any) -> None:
                 for _ in range(3):  # the first send may still be accepted before the RST lands
                     send_now(SocketTransport(conn), conn.fileno(), body)
     body.close()
+
+
+class SocketSink(GateSink):
+    """A writer whose transport has a real socket, so pump would sendfile or splice."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.gate.set()
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class HandoverBody(ListBody):
+    """A body that could hand its socket over; counts how often it was asked."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__(chunks)
+        self.handovers = 0
+
+    def handover(self) -> None:
+        self.handovers += 1
+        raise AssertionError("handover before the descriptors were secured")
+
+
+def _emfile(*_: Any) -> Any:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_out_of_descriptors_falls_back_to_copying_a_socket_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = os.urandom(SPLICE_MIN + 12345)
+    monkeypatch.setattr(os, "pipe2", _emfile)
+    with socket.socket() as sock:
+        sink = SocketSink(sock)
+        body = HandoverBody([data])
+        await run_pump(body, sink, len(data), chunk_size=64 * 1024)
+    assert body.handovers == 0  # never handed over: its bytes stay where they are
+    assert b"".join(sink.written) == data
+
+
+async def test_out_of_descriptors_falls_back_to_copying_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    data = os.urandom(300_000)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    body = FileBody(os.open(path, os.O_RDONLY), 0, len(data))
+    monkeypatch.setattr(os, "dup", _emfile)
+    with socket.socket() as sock:
+        sink = SocketSink(sock)
+        await run_pump(body, sink, len(data), chunk_size=64 * 1024)
+    body.close()
+    assert b"".join(sink.written) == data  # pread and write, nothing sent twice or lost
