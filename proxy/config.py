@@ -49,8 +49,9 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = field(default=8080, metadata=_PORT)
-    # asyncio by default: only its loop has sendfile (zero-copy disk bodies; README "Event loop")
-    event_loop: str = field(default="asyncio", metadata={"choices": ("asyncio", "uvloop")})
+    # uvloop by default: both loops are zero-copy, uvloop is cheaper per request (README
+    # "Event loop and sendfile")
+    event_loop: str = field(default="uvloop", metadata={"choices": ("asyncio", "uvloop")})
     keepalive_timeout: float = 75.0
     shutdown_timeout: float = 30.0
 

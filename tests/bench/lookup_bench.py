@@ -57,6 +57,25 @@ def id_pattern(file: str) -> str:
     return f"b-{file.removesuffix('.bin')}-%04d"
 
 
+def plain_pattern(file: str) -> str:
+    """The plain route's names of one file: `4k.bin` -> `p-4k-%04d.bin` (hard links).
+
+    The plain route cycles through as many distinct paths as the lookup routes do ids:
+    per-URL caches (yarl's, aiohttp's, the sidecar's templates) made a single repeated
+    path 16-30 % cheaper than 1,000 distinct ones on the same route, measured with wrk.
+    """
+    return f"p-{file.removesuffix('.bin')}-%04d.bin"
+
+
+def link_plain_names(media: Path, files: list[str]) -> None:
+    """Hard-link IDS_PER_FILE plain names to each file (the same inode, one page cache)."""
+    for file in files:
+        for i in range(IDS_PER_FILE):
+            link = media / (plain_pattern(file) % i)
+            if not link.exists():
+                os.link(media / file, link)
+
+
 def marker(prefix: str) -> str:
     return "cached" if prefix == CACHED else "uncached"
 
@@ -66,7 +85,7 @@ def query_for(prefix: str) -> str:
 
 
 def sidecar_config(port: int, admin_port: int, media: Path) -> str:
-    """One asyncio sidecar: the plain route and two lookup routes on the same files.
+    """One sidecar (uvloop, the default): the plain route and two lookup routes on the same files.
 
     The cached route keeps every default (cache_ttl 30 s, 10,000 entries, pool 1-10).
     """
@@ -77,7 +96,7 @@ def sidecar_config(port: int, admin_port: int, media: Path) -> str:
 
     routes = f"  - {{prefix: {PLAIN}, storage: {STORAGE}}}\n"
     routes += lookup(CACHED) + lookup(UNCACHED, "      cache_ttl: 0\n")
-    return f"""server: {{host: 127.0.0.1, port: {port}, event_loop: asyncio}}
+    return f"""server: {{host: 127.0.0.1, port: {port}, event_loop: uvloop}}
 admin: {{host: 127.0.0.1, port: {admin_port}}}
 storages: {{{STORAGE}: {{type: disk, root: {json.dumps(str(media))}}}}}
 database: {{dsn_env: {DSN_ENV}}}

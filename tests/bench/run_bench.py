@@ -410,9 +410,10 @@ def lookup_scenarios(keys: list[str], ids: int) -> Iterator[tuple[str, str, Scen
         name, file = LOOKUPS[key]
         for route in ROUTES:
             prefix = {"plain": lb.PLAIN, "cached": lb.CACHED, "uncached": lb.UNCACHED}[route]
-            pattern, count = (file, 1) if route == "plain" else (lb.id_pattern(file), ids)
+            pattern = lb.plain_pattern(file) if route == "plain" else lb.id_pattern(file)
+            count = ids
             env = (("BENCH_PREFIX", prefix), ("BENCH_PATTERN", pattern), ("BENCH_IDS", str(count)))
-            path = prefix + (pattern % 0 if count > 1 else pattern)
+            path = prefix + pattern % 0
             sc = Scenario(key, f"{name} {route}", file, FILES[file], "lookup_ids.lua", path, env)
             yield name, route, sc
 
@@ -431,6 +432,7 @@ def run_lookups(bench: Bench, keys: list[str], pg_cpu: int | None, out: list[Loo
         if pg_cpu is not None and bench.pin:
             db.pin(process_tree(db.pid), pg_cpu)
         port, admin = free_port(), free_port()
+        lb.link_plain_names(bench.work / "media", [LOOKUPS[k][1] for k in keys])
         conf = bench.work / "sidecar-lookup.yaml"
         conf.write_text(lb.sidecar_config(port, admin, bench.work / "media"))
         argv = [sys.executable, "-m", "proxy", "--config", str(conf)]
@@ -448,7 +450,7 @@ def run_lookups(bench: Bench, keys: list[str], pg_cpu: int | None, out: list[Loo
                 bench.wrk(port, sc, 1)  # warm-up run: connections, pool, cache
                 stats0, calls0 = lb.settled_stats(admin), db.calls()
                 pg0 = pg_cpu_seconds(db.pid)
-                run = bench.measure("sidecar(asyncio)", proc, port, sc, warmup=False)
+                run = bench.measure("sidecar(uvloop)", proc, port, sc, warmup=False)
                 pg1 = pg_cpu_seconds(db.pid)
                 stats1, calls1 = lb.settled_stats(admin), db.calls()
                 pg_pct = 100 * (pg1 - pg0) / run.wall_s

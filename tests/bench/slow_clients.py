@@ -988,7 +988,7 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--repeat", type=int, default=7, help="fast-client runs per path (7)")
     ap.add_argument("--no-fast", action="store_true", help="skip the fast-client comparison")
-    ap.add_argument("--event-loop", default="asyncio", choices=("asyncio", "uvloop"))
+    ap.add_argument("--event-loop", default="uvloop", choices=("asyncio", "uvloop"))
     ap.add_argument(
         "--quick", action="store_true", help="N=200 only, 5 s stall, 5 s after, 3 fast runs"
     )

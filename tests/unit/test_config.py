@@ -93,7 +93,7 @@ def test_example_s3_file() -> None:
 def test_defaults() -> None:
     cfg = parse_config(MINIMAL)
     assert cfg.source == "<config>"
-    assert (cfg.server.host, cfg.server.port, cfg.server.event_loop) == ("0.0.0.0", 8080, "asyncio")
+    assert (cfg.server.host, cfg.server.port, cfg.server.event_loop) == ("0.0.0.0", 8080, "uvloop")
     assert (cfg.server.keepalive_timeout, cfg.server.shutdown_timeout) == (75.0, 30.0)
     assert (cfg.admin.host, cfg.admin.port, cfg.admin.token_env) == ("127.0.0.1", 9901, None)
     assert (cfg.limits.max_streams, cfg.limits.max_streams_per_client) == (1024, 0)
