@@ -434,15 +434,24 @@ async def pull(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-async def test_handover_gives_exactly_the_rest_on_the_socket(s3: S3Storage) -> None:
-    byte_range = ByteRange(1000, len(BIG) - 2000)
-    meta = await s3.stat("big.bin")
-    body = await s3.open(meta, byte_range)
+async def handed_over(s3: S3Storage, byte_range: ByteRange) -> tuple[S3Body, bytes, int, bytes]:
+    """Open `byte_range` of big.bin, read one chunk, hand the socket over: (body, first
+    chunk, descriptor, bytes aiohttp had buffered)."""
+    body = await s3.open(await s3.stat("big.bin"), byte_range)
     try:
         first = await body.read(CHUNK)
         handed = body.handover()
         assert handed is not None
-        fd, buffered = handed
+    except BaseException:
+        body.close()
+        raise
+    return body, first, *handed
+
+
+async def test_handover_gives_exactly_the_rest_on_the_socket(s3: S3Storage) -> None:
+    byte_range = ByteRange(1000, len(BIG) - 2000)
+    body, first, fd, buffered = await handed_over(s3, byte_range)
+    try:
         try:
             assert body.handover() is None  # once
             with pytest.raises(StorageError):  # aiohttp no longer reads this body
@@ -463,13 +472,8 @@ async def test_handover_gives_exactly_the_rest_on_the_socket(s3: S3Storage) -> N
 
 
 async def test_let_go_after_handover_resumes_byte_exact(s3: S3Storage) -> None:
-    meta = await s3.stat("big.bin")
-    body = await s3.open(meta, ByteRange(0, len(BIG) - 1))
+    body, first, fd, buffered = await handed_over(s3, ByteRange(0, len(BIG) - 1))
     try:
-        first = await body.read(CHUNK)
-        handed = body.handover()
-        assert handed is not None
-        fd, buffered = handed
         try:
             middle = await pull(fd, 100_003)
             body.spliced(len(middle))
