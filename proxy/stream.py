@@ -1,4 +1,5 @@
-"""Copy one byte range from a storage body to a prepared HTTP response.
+"""Send one byte range from a storage body to a prepared HTTP response: sendfile(2) for
+files, splice(2) for bodies that can hand their socket over (S3), else bounded copies.
 
 Guarantees (SPEC §4): the next storage read waits for the client, and at most one
 chunk is queued in user space for it; no progress for `idle_timeout_s`, or reaching
