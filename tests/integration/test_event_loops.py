@@ -71,3 +71,42 @@ def test_a_slow_reader_gets_exact_bytes_across_the_seam(
         assert s3["detached_total"] > before["detached_total"]  # let go during the stall
         assert s3["resumed_total"] > before["resumed_total"]
     assert (s3["upstream_in_use"], s3["detached_active"]) == (0, 0)
+
+
+def _read_response(client: socket.socket) -> tuple[bytes, bytes]:
+    """One response off a keep-alive connection: (head, body of Content-Length bytes)."""
+    wire = b""
+    while b"\r\n\r\n" not in wire:
+        chunk = client.recv(65536)
+        assert chunk, "closed before the headers"
+        wire += chunk
+    head, _, body = wire.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = client.recv(1 << 20)
+        assert chunk, "closed before the end of the body"
+        body += chunk
+    assert len(body) == length, "bytes past Content-Length: the next response would be spliced"
+    return head, body
+
+
+def test_a_spliced_response_leaves_the_connection_ready_for_the_next(
+    sidecar: SidecarProcess,
+) -> None:
+    """Keep-alive after a spliced body: the next response starts exactly where it ended."""
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as client:
+        client.sendall(b"GET /s3/big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, body = _read_response(client)
+        assert head.startswith(b"HTTP/1.1 200") and body == BIG
+        client.sendall(b"GET /s3/big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=7-1500006\r\n\r\n")
+        head, body = _read_response(client)
+        assert head.startswith(b"HTTP/1.1 206") and body == BIG[7:1_500_007]
+        client.sendall(b"GET /media/big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=-1000\r\n\r\n")
+        head, body = _read_response(client)
+        assert head.startswith(b"HTTP/1.1 206") and body == BIG[-1000:]
+    s3 = quiet(sidecar)["storages"]["uploads"]
+    assert (s3["upstream_in_use"], s3["detached_active"]) == (0, 0)
