@@ -32,7 +32,7 @@ SENDFILE_MAX: Final = 16 * 1024 * 1024
 # Chunks grow past MIN_CHUNK only after this much was sent: until then kernel buffers
 # take everything (several MiB on a loopback or LAN connection), so every client looks
 # fast, and bigger chunks for hundreds of starting streams were most of their peak
-# (bench-slow, S3 N=200: 133-179 -> 74-89 KiB per stalled stream). storage/s3.py's
+# (bench-slow, S3 N=200: 133-179 -> 74-89 KiB per stalled stream). storage/s3_body.py's
 # FAST_AFTER holds S3 socket reads back for the same reason.
 GROW_AFTER: Final = 4 * 1024 * 1024
 # Bodies with less than this left are copied: a pipe and its syscalls cost more.

@@ -22,7 +22,8 @@ from proxy.config import S3StorageConfig, parse_config
 from proxy.errors import ObjectChanged, StorageError, StorageTimeout
 from proxy.model import ByteRange
 from proxy.storage import s3 as s3_module
-from proxy.storage.s3 import FAST_AFTER, FAST_SOCKET_READ, READ_BUFSIZE, S3Body, S3Storage
+from proxy.storage.s3 import S3Storage
+from proxy.storage.s3_body import FAST_AFTER, FAST_SOCKET_READ, READ_BUFSIZE, S3Body
 from tests.conftest import BUCKET, FILES, S3_PREFIX, S3Server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -357,7 +358,7 @@ async def test_resumes_wait_for_the_gate_within_the_first_byte_timeout(
             firsts = [await body.read(CHUNK) for body in bodies]
             await asyncio.sleep(PAUSE_S)
             assert s3.detached_active == 2
-            gate = s3._resume_gate  # private on purpose: hold the only resume slot
+            gate = s3.resume_gate  # hold the only resume slot
             await gate.acquire()
             try:
                 waiting = asyncio.create_task(bodies[0].read(CHUNK))
