@@ -34,6 +34,14 @@ class ObjectMeta(NamedTuple):
     token: Any = None  # storage-private identity (disk: path and inode), opaque to callers
 
 
+class Opened(NamedTuple):
+    """A GET sent before the object's metadata was known, and what its answer told."""
+
+    meta: ObjectMeta  # from the GET's own headers (size from Content-Range)
+    byte_range: ByteRange  # the bytes `body` holds
+    body: Body
+
+
 class Body(Protocol):
     """The bytes of one byte range, read in pieces; `close` is synchronous and idempotent."""
 
@@ -144,4 +152,12 @@ class Storage(Source, Protocol):
 
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small byte range whole (at most `limits.chunk_size` bytes)."""
+        ...
+
+    async def open_unseen(self, key: str, range_spec: str | None) -> Opened | None:
+        """GET without a HEAD first: the whole object, or `range_spec` (`bytes=…`, one range).
+
+        One round trip instead of two where metadata costs one (S3). None when the storage
+        gains nothing by it (disk) or finds the range unsatisfiable: the caller stats.
+        """
         ...

@@ -88,6 +88,32 @@ def parse_range(header: str | None, size: int) -> RangeRequest:
     return RangeRequest(RangeOutcome.PARTIAL, merged)
 
 
+def lone_range(header: str) -> str | None:
+    """`bytes=first-last`, `bytes=first-` or `bytes=-suffix` when `header` is one such range.
+
+    Whatever it is, `parse_range` gives it the same meaning once the size is known: the spec
+    can be asked of a storage before its size is (a GET without a HEAD). None for anything
+    else (several ranges, another unit, malformed, absurd), which needs the size first.
+    """
+    if len(header) > MAX_HEADER_LENGTH:
+        return None
+    unit, sep, spec = header.strip(_OWS).partition("=")
+    if not sep or unit.lower() != "bytes":
+        return None
+    first, dash, last = spec.strip(_OWS).partition("-")
+    if not dash or not (first or last):
+        return None
+    if (first and not _is_digits(first)) or (last and not _is_digits(last)):
+        return None
+    if len(first) > _MAX_DIGITS or len(last) > _MAX_DIGITS:
+        return None
+    if first and last and int(last) < int(first):
+        return None
+    if not first and int(last) == 0:
+        return None
+    return f"bytes={int(first) if first else ''}-{int(last) if last else ''}"
+
+
 def content_range(r: ByteRange, size: int) -> str:
     """Format `bytes first-last/complete-length` (RFC 9110 §14.4)."""
     return f"bytes {r.start}-{r.end}/{size}"

@@ -138,6 +138,10 @@ class DiskStorage:
         """Read a small range whole (see read_now)."""
         return self.read_now(meta, byte_range)
 
+    async def open_unseen(self, key: str, range_spec: str | None) -> None:
+        """Nothing to save: a stat is one system call, never a round trip."""
+        return None
+
     def read_now(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small range whole, from a cached descriptor when the file is unchanged.
 

@@ -22,12 +22,13 @@ from proxy.errors import (
     ObjectChanged,
     Overloaded,
     ProxyError,
+    StorageError,
     StorageTimeout,
 )
 from proxy.log import log_event
 from proxy.mediatype import content_disposition, guess_type
-from proxy.model import ByteRange, Storage
-from proxy.ranges import content_range, unsatisfied_content_range
+from proxy.model import Body, ByteRange, Opened, Storage
+from proxy.ranges import content_range, lone_range, unsatisfied_content_range
 from proxy.registry import (
     CLIENT_DISCONNECTED,
     COMPLETED,
@@ -55,6 +56,8 @@ TRACKED: Final = web.RequestKey("tracked", Tracked)
 _SANE_REQUEST_ID: Final = re.compile(r"[!-~]{1,128}")
 _JSON: Final = "application/json"
 _CACHE_MAX: Final = 4096
+# Requests that carry these are answered from metadata first (often a 304), never a GET.
+_PRECONDITIONS: Final = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
 
 
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -303,81 +306,126 @@ class MediaHandler:
             )
         storage = self._storages[storage_name]
         self._registry.attach(tracked, storage_name, key, request.headers.get("Range"))
-        meta = await _timed(storage, storage.stat(key), self._first_byte_s)
-        decision = decide(method, meta, request.headers)
-
-        headers = {"ETag": meta.etag, "X-Request-ID": tracked.request_id, "Accept-Ranges": "bytes"}
-        if meta.last_modified is not None:
-            headers["Last-Modified"] = self._http_date(meta.last_modified)
-        if route.cache_control:
-            headers["Cache-Control"] = route.cache_control
-        if row is not None and row.filename:
-            headers["Content-Disposition"] = content_disposition(row.filename)
-        forced_type = None
-        for name, value in overrides or ():  # the backend's headers win (X-Accel-Redirect)
-            if name == "Content-Type":
-                forced_type = value
-            else:
-                headers[name] = value
-        status = decision.status
-        if status == 304:
-            return Whole(304, headers)
-        if status == 412:
-            return _json(412, "precondition_failed", headers)
-        if status == 416:
-            headers["Content-Range"] = unsatisfied_content_range(meta.size)
-            return _json(416, "range_not_satisfiable", headers)
-
-        ctype = (
-            forced_type
-            or (row.content_type if row else None)
-            or meta.content_type
-            or guess_type(key)
-        )
-        headers["X-Content-Type-Options"] = "nosniff"
-        ranges = decision.ranges if status == 206 else _whole(meta.size)
-        timeouts = self._timeouts_for(ctype)
-        first_byte_s = timeouts.upstream_first_byte
-        if len(ranges) > 1:
-            return await send_byteranges(
-                request,
-                self._out,
-                tracked,
-                ranges=ranges,
-                size=meta.size,
-                ctype=ctype,
-                headers=headers,
-                open_part=lambda r: _timed(storage, storage.open(meta, r), first_byte_s),
-                timeouts=timeouts,
-            )
-        if status == 206:
-            headers["Content-Range"] = content_range(ranges[0], meta.size)
-        headers["Content-Type"] = ctype
-        length = ranges[0].length if ranges else 0
-        if method == "HEAD" or length == 0:
-            return Whole(status, headers, length=length)
-
-        if length <= self._chunk:  # small: one read, one write carries headers and bytes
-            data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
-            # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
-            # request decides.
-            if status == 200 and policy is None and not route.internal:
-                if row is None:
-                    self._templates.remember(request.raw_path, storage, meta, headers, None)
-                elif (resolver := self.lookups[route.prefix]).cache.enabled:
-                    check = (resolver, (media_id or "", variant), row)
-                    self._templates.remember(request.raw_path, storage, meta, headers, check)
-            return Whole(status, headers, data)
-        body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
+        row_type = row.content_type if row is not None else None
+        opened = await self._open_unseen(storage, key, row_type, method, request.headers)
         try:
-            resp = web.StreamResponse(status=status, headers=headers)
-            resp.content_length = length
-            writer = await self._out.start(request, resp, tracked, length)
-            if await self._out.stream(request, resp, writer, body, length, tracked, timeouts):
-                await self._out.complete(request, resp, tracked)
-            return resp
+            if opened is not None:
+                meta = opened.meta
+            else:
+                meta = await _timed(storage, storage.stat(key), self._first_byte_s)
+            decision = decide(method, meta, request.headers)
+
+            headers = {
+                "ETag": meta.etag,
+                "X-Request-ID": tracked.request_id,
+                "Accept-Ranges": "bytes",
+            }
+            if meta.last_modified is not None:
+                headers["Last-Modified"] = self._http_date(meta.last_modified)
+            if route.cache_control:
+                headers["Cache-Control"] = route.cache_control
+            if row is not None and row.filename:
+                headers["Content-Disposition"] = content_disposition(row.filename)
+            forced_type = None
+            for name, value in overrides or ():  # the backend's headers win (X-Accel-Redirect)
+                if name == "Content-Type":
+                    forced_type = value
+                else:
+                    headers[name] = value
+            status = decision.status
+            if status == 304:
+                return Whole(304, headers)
+            if status == 412:
+                return _json(412, "precondition_failed", headers)
+            if status == 416:
+                headers["Content-Range"] = unsatisfied_content_range(meta.size)
+                return _json(416, "range_not_satisfiable", headers)
+
+            ctype = (
+                forced_type
+                or (row.content_type if row else None)
+                or meta.content_type
+                or guess_type(key)
+            )
+            headers["X-Content-Type-Options"] = "nosniff"
+            ranges = decision.ranges if status == 206 else _whole(meta.size)
+            timeouts = self._timeouts_for(ctype)
+            first_byte_s = timeouts.upstream_first_byte
+            if len(ranges) > 1:
+                return await send_byteranges(
+                    request,
+                    self._out,
+                    tracked,
+                    ranges=ranges,
+                    size=meta.size,
+                    ctype=ctype,
+                    headers=headers,
+                    open_part=lambda r: _timed(storage, storage.open(meta, r), first_byte_s),
+                    timeouts=timeouts,
+                )
+            if status == 206:
+                headers["Content-Range"] = content_range(ranges[0], meta.size)
+            headers["Content-Type"] = ctype
+            length = ranges[0].length if ranges else 0
+            if method == "HEAD" or length == 0:
+                return Whole(status, headers, length=length)
+
+            # The GET sent before any HEAD serves when it holds exactly the bytes decided on.
+            ready = opened.body if opened is not None and opened.byte_range == ranges[0] else None
+            if ready is None and opened is not None:
+                opened.body.close()  # other bytes were decided on: free its connection first
+            if length <= self._chunk:  # small: one read, one write carries headers and bytes
+                if ready is not None:
+                    data = await _timed(storage, _read_exactly(ready, length), first_byte_s)
+                else:
+                    data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
+                # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
+                # request decides.
+                if status == 200 and policy is None and not route.internal:
+                    if row is None:
+                        self._templates.remember(request.raw_path, storage, meta, headers, None)
+                    elif (resolver := self.lookups[route.prefix]).cache.enabled:
+                        check = (resolver, (media_id or "", variant), row)
+                        self._templates.remember(request.raw_path, storage, meta, headers, check)
+                return Whole(status, headers, data)
+            body = ready
+            if body is None:
+                body = await _timed(storage, storage.open(meta, ranges[0]), first_byte_s)
+            try:
+                resp = web.StreamResponse(status=status, headers=headers)
+                resp.content_length = length
+                writer = await self._out.start(request, resp, tracked, length)
+                if await self._out.stream(request, resp, writer, body, length, tracked, timeouts):
+                    await self._out.complete(request, resp, tracked)
+                return resp
+            finally:
+                body.close()
         finally:
-            body.close()
+            if opened is not None:  # unless a response took it (closing twice is harmless)
+                opened.body.close()
+
+    async def _open_unseen(
+        self,
+        storage: Storage,
+        key: str,
+        row_type: str | None,
+        method: str,
+        headers: Mapping[str, str],
+    ) -> Opened | None:
+        """GET before any HEAD when the answer will most likely be that GET's bytes.
+
+        Not for HEAD, preconditions (mostly 304s: a GET would be wasted) or anything but one
+        byte range; those stat first.
+        """
+        if storage.inline_io or method != "GET" or any(h in headers for h in _PRECONDITIONS):
+            return None
+        range_field = headers.get("Range")
+        spec = None if range_field is None else lone_range(range_field)
+        if range_field is not None and spec is None:
+            return None
+        # The first-byte timeout of the type the response will most likely have.
+        first_byte_s = self._timeouts_for(row_type or guess_type(key)).upstream_first_byte
+        return await _timed(storage, storage.open_unseen(key, spec), first_byte_s)
 
     def _http_date(self, epoch_s: int) -> str:
         text = self._dates.get(epoch_s)
@@ -395,6 +443,18 @@ class MediaHandler:
             found = self._cfg.timeouts.for_content_type(content_type)
             self._timeouts[content_type] = found
         return found
+
+
+async def _read_exactly(body: Body, length: int) -> bytes:
+    """All `length` bytes of a small body; a body that ends early is a storage failure."""
+    parts = []
+    while length > 0:
+        chunk = await body.read(length)
+        if not chunk:
+            raise StorageError("storage body ended early")
+        parts.append(chunk)
+        length -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _whole(size: int) -> tuple[ByteRange, ...]:

@@ -92,14 +92,19 @@ def delta(before: Any, after: Any) -> dict[str, int]:
     return {k: after["connections"][k] - before["connections"][k] for k in after["connections"]}
 
 
-@pytest.mark.parametrize("stall_on", ["HEAD", "GET"])
+# A plain or ranged GET goes to S3 as a GET at once; a precondition stats (HEAD) first.
+@pytest.mark.parametrize(
+    ("stall_on", "headers"),
+    [("HEAD", {"If-None-Match": '"other"'}), ("GET", {}), ("GET", {"Range": "bytes=10-"})],
+    ids=["HEAD-precondition", "GET", "GET-range"],
+)
 def test_storage_silent_before_first_byte_is_504_within_the_timeout(
-    sidecar: SidecarProcess, s3: FakeS3, stall_on: str
+    sidecar: SidecarProcess, s3: FakeS3, stall_on: str, headers: dict[str, str]
 ) -> None:
     s3.fault(S3_PREFIX + KEY, stall_headers=stall_on)
     before = settle(sidecar)
     started = time.monotonic()
-    got = fetch(sidecar.port, f"/s3/{KEY}", timeout_s=10)
+    got = fetch(sidecar.port, f"/s3/{KEY}", headers=headers, timeout_s=10)
     elapsed = time.monotonic() - started
     assert got.status == 504 and got.complete, got
     assert b'"storage_timeout"' in got.body

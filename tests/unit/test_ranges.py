@@ -11,6 +11,7 @@ from proxy.ranges import (
     RangeOutcome,
     RangeRequest,
     content_range,
+    lone_range,
     parse_range,
     unsatisfied_content_range,
 )
@@ -213,3 +214,54 @@ def test_unsatisfied_content_range(size: int, expected: str) -> None:
 
 def test_byte_range_length_is_inclusive() -> None:
     assert (R(5, 9).length, R(0, 0).length) == (5, 1)
+
+
+# ---------------------------------------------------------------------------- lone_range
+
+
+@pytest.mark.parametrize(
+    ("header", "spec"),
+    [
+        ("bytes=0-99", "bytes=0-99"),
+        ("bytes=100-", "bytes=100-"),
+        ("bytes=-500", "bytes=-500"),
+        ("BYTES=5-5", "bytes=5-5"),
+        (" bytes=007-0010 ", "bytes=7-10"),  # leading zeros and OWS: same meaning, canonical
+        ("bytes= 1-2", "bytes=1-2"),
+    ],
+)
+def test_lone_range_passes_one_range_on(header: str, spec: str) -> None:
+    assert lone_range(header) == spec
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=0-1,5-6",  # several: multipart needs the size first
+        "bytes=0-1,",  # an empty element: parse_range tolerates it, a storage might not
+        "bytes=5-1",  # last < first: ignored (200), never sent as a range
+        "bytes=-0",  # unsatisfiable suffix
+        "bytes=-",
+        "bytes=",
+        "items=0-1",
+        "bytes 0-1",
+        "bytes=a-1",
+        "bytes=+1-2",
+        "bytes=٣-5",  # non-ASCII digits
+        "bytes=" + "9" * 19 + "-",  # beyond any real position
+        "bytes=0-" + "1" * 5000,  # absurdly long
+    ],
+)
+def test_lone_range_refuses_everything_else(header: str) -> None:
+    assert lone_range(header) is None
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=0-99", "bytes=100-", "bytes=-500", "bytes=990-5000", "bytes=-5000"]
+)
+@pytest.mark.parametrize("size", [1, 100, 1000])
+def test_lone_range_means_what_parse_range_means(header: str, size: int) -> None:
+    """What a storage is asked for is what the sidecar would decide once it knows the size."""
+    spec = lone_range(header)
+    assert spec is not None
+    assert parse_range(spec, size) == parse_range(header, size)
