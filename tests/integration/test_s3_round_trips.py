@@ -135,3 +135,24 @@ async def test_counters_are_in_stats(app_server: Any) -> None:
     figures = json.loads(resp.body)["storages"]["uploads"]
     assert figures["unseen_gets_total"] == uploads(app_server).unseen_gets_total > 0
     assert figures["heads_total"] == uploads(app_server).heads_total
+
+
+async def test_empty_object_is_one_get(app_server: Any) -> None:
+    resp, heads, gets = await counted(app_server, "empty.bin")
+    assert resp.status == 200 and resp.body == b""
+    assert resp.header("Content-Length") == "0"
+    assert (heads, gets) == (0, 1)
+
+
+@pytest.mark.parametrize("range_field", ["bytes=0-0", "bytes=-1"])
+async def test_any_range_of_an_empty_object_is_416(app_server: Any, range_field: str) -> None:
+    resp, _, _ = await counted(app_server, "empty.bin", headers={"Range": range_field})
+    assert resp.status == 416
+    assert resp.header("Content-Range") == "bytes */0"
+
+
+async def test_stored_content_type_comes_from_the_get(app_server: Any) -> None:
+    resp, heads, _ = await counted(app_server, "custom.dat", headers={"Range": "bytes=0-9"})
+    assert resp.status == 206 and resp.body == FILES["custom.dat"][:10]
+    assert resp.header("Content-Type") == "video/mp4"
+    assert heads == 0
