@@ -19,7 +19,9 @@ the RSS is the worker's alone (the master takes no connections; its RSS is in th
 
 Fast client, same run: the 64 MiB S3 object read as fast as one client can (raw socket,
 1 MiB reads, discarded), through the sidecar's S3 route and straight from the SeaweedFS S3
-endpoint (a presigned URL), `--repeat` times each, alternating; medians and their ratio.
+endpoint (a presigned URL), `--repeat` times each, alternating; medians and their ratio,
+and the CPU-seconds per GiB the sidecar, SeaweedFS and this client spent (/proc, user +
+system): the three share the machine's cores, so their sum bounds what either path can do.
 Every path is checked once beforehand with a SHA-256 of the whole body.
 
 Targets: <= 100 KiB per stalled S3 stream, <= 30 KiB per stalled disk stream, sidecar RSS
@@ -140,6 +142,15 @@ def open_fds(pid: int) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (all its threads), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -804,6 +815,9 @@ def log_summary(log: Path) -> str:
 class Fast:
     path: str
     mib_per_s: list[float]
+    # CPU-seconds per GiB over all runs, by process: sidecar (0 on the direct path),
+    # SeaweedFS and this client. Two cores shared by all three bound the ratio.
+    cpu_s_per_gib: dict[str, float] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -828,15 +842,27 @@ def fast_client(
             if got.status != 200 or got.sha256 != sha256:
                 raise BenchError(f"fast client {name}: HTTP {got.status}, {got.length} B, wrong")
         runs: dict[str, list[float]] = {"sidecar": [], "direct": []}
+        pids = {"sidecar": server.measured_pid, "SeaweedFS": s3.proc.pid}
+        cpu = {name: dict.fromkeys([*pids, "client"], 0.0) for name in paths}
         for _ in range(repeat):
             for name, (port, target) in paths.items():
+                before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                client_before = time.process_time()
                 got = http_get(port, target)
+                cpu[name]["client"] += time.process_time() - client_before
+                for k, pid in pids.items():
+                    cpu[name][k] += cpu_seconds(pid) - before[k]
                 if got.status != 200 or got.length != OBJECT_SIZE:
                     raise BenchError(f"fast client {name}: HTTP {got.status}, {got.length} B")
                 runs[name].append(round(OBJECT_SIZE / MIB / got.seconds, 1))
     finally:
         procs.stop(server.proc)
-    return Fast("sidecar /s3/", runs["sidecar"]), Fast("SeaweedFS direct", runs["direct"])
+    gib = repeat * OBJECT_SIZE / (1 << 30)
+    per_gib = {name: {k: round(v / gib, 2) for k, v in c.items()} for name, c in cpu.items()}
+    return (
+        Fast("sidecar /s3/", runs["sidecar"], per_gib["sidecar"]),
+        Fast("SeaweedFS direct", runs["direct"], per_gib["direct"]),
+    )
 
 
 # ---------------------------------------------------------------------------- report
@@ -922,11 +948,27 @@ def report(
     )
     if fast:
         ratio = fast[0].median / fast[1].median
-        fhead = ["one fast client, 64 MiB S3 object", "median MiB/s", "runs MiB/s"]
+        procs_cpu = ["sidecar", "SeaweedFS", "client"]
+        fhead = [
+            "one fast client, 64 MiB S3 object",
+            "median MiB/s",
+            *(f"{p} CPU-s/GiB" for p in procs_cpu),
+            "runs MiB/s",
+        ]
         frows = [
-            [f.path, f"{f.median:,.0f}", ", ".join(f"{x:,.0f}" for x in f.mib_per_s)] for f in fast
+            [
+                f.path,
+                f"{f.median:,.0f}",
+                *(f"{f.cpu_s_per_gib.get(p, 0.0):.2f}" for p in procs_cpu),
+                ", ".join(f"{x:,.0f}" for x in f.mib_per_s),
+            ]
+            for f in fast
         ]
         lines += ["", *md(fhead, frows), "", f"sidecar / direct = {ratio:.2f}x"]
+        lines.append(
+            "CPU-s/GiB: each process's user + system time over every run, per GiB served. "
+            "All three share the machine's cores; on two, the total bounds the ratio."
+        )
     lines += ["", "Targets:"]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in verdicts(cells, fast)]
     if bad := [f"- {c.target} N={c.clients}: {'; '.join(c.problems)}" for c in cells if c.problems]:
