@@ -364,8 +364,8 @@ def _parse_content_range(value: str) -> tuple[ByteRange, int] | None:
     unit, _, rest = value.partition(" ")
     span, _, size = rest.partition("/")
     first, _, last = span.partition("-")
-    if unit != "bytes" or not (first.isdigit() and last.isdigit() and size.isdigit()):
-        return None
+    if unit != "bytes" or not all(x.isascii() and x.isdigit() for x in (first, last, size)):
+        return None  # str.isdigit alone accepts "²", which int() refuses
     byte_range = ByteRange(int(first), int(last))
     if byte_range.start > byte_range.end or byte_range.end >= int(size):
         return None

@@ -23,6 +23,7 @@ def test_a_range_and_its_complete_length() -> None:
         "items 0-9/10",
         "bytes 0-9",
         "bytes -1-9/10",
+        "bytes 0-9/1²",  # a digit to str.isdigit, not to int()
         "",
     ],
 )
