@@ -50,6 +50,18 @@ class Body(Protocol):
     def close(self) -> None: ...
 
 
+async def read_exactly(body: Body, length: int, *, storage: str = "", key: str = "") -> bytes:
+    """All `length` bytes of a small body; a body that ends early is a storage failure."""
+    parts = []
+    while length > 0:
+        chunk = await body.read(length)
+        if not chunk:
+            raise StorageError("storage body ended early", storage=storage, key=key)
+        parts.append(chunk)
+        length -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class SocketBody(Body, Protocol):
     """A body whose remaining bytes can be taken straight off its plain TCP socket (splice).
 

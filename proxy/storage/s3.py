@@ -21,7 +21,7 @@ from botocore.exceptions import (
 from proxy import heap
 from proxy.config import S3StorageConfig
 from proxy.errors import NotFound, ObjectChanged, StorageError, StorageTimeout
-from proxy.model import ByteRange, ObjectMeta, Opened
+from proxy.model import ByteRange, ObjectMeta, Opened, read_exactly
 from proxy.storage.s3_body import READ_BUFSIZE, S3Body, cap_socket_reads
 
 # S3's default when the uploader set no type: treat it as "no metadata" (SPEC §3).
@@ -230,16 +230,8 @@ class S3Storage:
     async def read(self, meta: ObjectMeta, byte_range: ByteRange) -> bytes:
         """Read a small range whole; the body is read to its end, so its connection is reused."""
         body = await self.fetch(meta, byte_range.start, byte_range.end)
-        try:
-            parts = []
-            left = byte_range.length
-            while left > 0:  # no S3Body: nothing to detach between these reads
-                chunk = await body.read(left)
-                if not chunk:
-                    raise StorageError("S3 body ended early", storage=self.name, key=meta.key)
-                parts.append(chunk)
-                left -= len(chunk)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+        try:  # the raw body, no S3Body: nothing to detach between these reads
+            return await read_exactly(body, byte_range.length, storage=self.name, key=meta.key)
         except (TimeoutError, ReadTimeoutError) as exc:
             raise StorageTimeout("S3 body read timed out", storage=self.name) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError) as exc:

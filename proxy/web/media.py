@@ -22,12 +22,11 @@ from proxy.errors import (
     ObjectChanged,
     Overloaded,
     ProxyError,
-    StorageError,
     StorageTimeout,
 )
 from proxy.log import log_event
 from proxy.mediatype import content_disposition, guess_type
-from proxy.model import Body, ByteRange, Opened, Storage
+from proxy.model import ByteRange, Opened, Storage, read_exactly
 from proxy.ranges import content_range, lone_range, unsatisfied_content_range
 from proxy.registry import (
     CLIENT_DISCONNECTED,
@@ -376,7 +375,7 @@ class MediaHandler:
                 opened.body.close()  # other bytes were decided on: free its connection first
             if length <= self._chunk:  # small: one read, one write carries headers and bytes
                 if ready is not None:
-                    data = await _timed(storage, _read_exactly(ready, length), first_byte_s)
+                    data = await _timed(storage, read_exactly(ready, length), first_byte_s)
                 else:
                     data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
                 # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
@@ -443,18 +442,6 @@ class MediaHandler:
             found = self._cfg.timeouts.for_content_type(content_type)
             self._timeouts[content_type] = found
         return found
-
-
-async def _read_exactly(body: Body, length: int) -> bytes:
-    """All `length` bytes of a small body; a body that ends early is a storage failure."""
-    parts = []
-    while length > 0:
-        chunk = await body.read(length)
-        if not chunk:
-            raise StorageError("storage body ended early")
-        parts.append(chunk)
-        length -= len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _whole(size: int) -> tuple[ByteRange, ...]:
