@@ -23,6 +23,7 @@ from proxy.config import S3StorageConfig
 from proxy.errors import NotFound, ObjectChanged, StorageError, StorageTimeout
 from proxy.model import ByteRange, ObjectMeta, Opened, read_exactly
 from proxy.storage.s3_body import READ_BUFSIZE, S3Body, cap_socket_reads
+from proxy.storage.s3_signed import RangeUnsatisfiable, SignedRequests
 
 # S3's default when the uploader set no type: treat it as "no metadata" (SPEC §3).
 _GENERIC_TYPES: Final = frozenset({"", "binary/octet-stream"})
@@ -138,6 +139,7 @@ class S3Storage:
         self.unseen_gets_total = 0
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._signed: SignedRequests | None = None
 
     async def start(self) -> None:
         """Create the client; credentials come from `_env` keys or botocore's default chain."""
@@ -159,17 +161,21 @@ class S3Storage:
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
             http_session_cls=_SmallBufferSession,
+            # SigV4 for presigned URLs too (botocore may pick SigV2 for them in us-east-1,
+            # which buckets made since 2020 refuse); requests were SigV4 already.
+            signature_version="s3v4",
         )
         self._client = await self._stack.enter_async_context(
             get_session().create_client(
                 "s3", region_name=cfg.region, endpoint_url=cfg.endpoint_url, config=config, **creds
             )
         )
+        self._signed = SignedRequests(self._client, self._bucket, self.name)
 
     async def stat(self, key: str) -> ObjectMeta:
         """HEAD the object."""
         self.heads_total += 1
-        head = await self._call("head_object", key, Bucket=self._bucket, Key=self._prefix + key)
+        head = await self._object("head_object", key, {})
         return self._meta(key, head, int(head["ContentLength"]))
 
     async def open_unseen(self, key: str, range_spec: str | None) -> Opened | None:
@@ -181,14 +187,8 @@ class S3Storage:
         """
         self.unseen_gets_total += 1
         try:
-            obj = await self._call(
-                "get_object",
-                key,
-                Bucket=self._bucket,
-                Key=self._prefix + key,
-                **({"Range": range_spec} if range_spec else {}),
-            )
-        except _Unsatisfiable:
+            obj = await self._object("get_object", key, {"Range": range_spec} if range_spec else {})
+        except RangeUnsatisfiable:
             return None
         body = obj["Body"]
         if not cap_socket_reads(body, self.socket_read_max):
@@ -298,6 +298,8 @@ class S3Storage:
             "spliced_bytes_total": self.spliced_bytes_total,
             "heads_total": self.heads_total,
             "unseen_gets_total": self.unseen_gets_total,
+            "presigned_total": self._signed.answered_total if self._signed else 0,
+            "presigned_fallbacks_total": self._signed.fallbacks_total if self._signed else 0,
         }
 
     async def probe(self) -> None:
@@ -307,14 +309,10 @@ class S3Storage:
     async def fetch(self, meta: ObjectMeta, start: int, end: int) -> Any:
         """GET bytes `start..end` of the version `meta` names; return the open body."""
         pinned = meta.etag != '""'
-        obj = await self._call(
-            "get_object",
-            meta.key,
-            Bucket=self._bucket,
-            Key=self._prefix + meta.key,
-            Range=f"bytes={start}-{end}",
-            **({"IfMatch": meta.etag} if pinned else {}),
-        )
+        headers = {"Range": f"bytes={start}-{end}"}
+        if pinned:
+            headers["If-Match"] = meta.etag
+        obj = await self._object("get_object", meta.key, headers)
         body = obj["Body"]
         if not cap_socket_reads(body, self.socket_read_max):
             self.uncapped_total += 1
@@ -326,6 +324,20 @@ class S3Storage:
             raise ObjectChanged("object changed", storage=self.name, key=meta.key)
         return body
 
+    async def _object(self, op: str, key: str, headers: dict[str, str]) -> Any:
+        """head_object or get_object: through a presigned URL when that answers, else botocore."""
+        if self._signed is not None:
+            method = "GET" if op == "get_object" else "HEAD"
+            answer = await self._signed.request(method, self._prefix + key, headers)
+            if answer is not None:
+                return answer
+        params = {"Bucket": self._bucket, "Key": self._prefix + key}
+        if "Range" in headers:
+            params["Range"] = headers["Range"]
+        if "If-Match" in headers:
+            params["IfMatch"] = headers["If-Match"]
+        return await self._call(op, key, **params)
+
     async def _call(self, op: str, key: str, **kwargs: Any) -> Any:
         try:
             return await getattr(self._client, op)(**kwargs)
@@ -336,7 +348,9 @@ class S3Storage:
             if code in _CHANGED_CODES:
                 raise ObjectChanged("object changed", storage=self.name, key=key) from None
             if code in _UNSATISFIABLE_CODES:
-                raise _Unsatisfiable(f"S3 {op}: range not satisfiable", storage=self.name) from None
+                raise RangeUnsatisfiable(
+                    f"S3 {op}: range not satisfiable", storage=self.name
+                ) from None
             raise StorageError(f"S3 {op} refused: {code}", storage=self.name, key=key) from exc
         except (TimeoutError, ConnectTimeoutError, ReadTimeoutError) as exc:
             raise StorageTimeout(f"S3 {op} timed out", storage=self.name, key=key) from exc
@@ -345,10 +359,6 @@ class S3Storage:
 
 
 _malloc_trim = heap.malloc_trim  # module attribute: tests replace it
-
-
-class _Unsatisfiable(StorageError):
-    """S3 answered 416 to a Range: the object is shorter than the range's first byte."""
 
 
 def _parse_content_range(value: str) -> tuple[ByteRange, int] | None:

@@ -144,12 +144,12 @@ async def test_resume_after_overwrite_raises_storage_error(
     def put(data: bytes) -> None:
         s3_server.client.put_object(Bucket=BUCKET, Key=S3_PREFIX + key, Body=data)
 
-    calls: list[dict[str, Any]] = []
-    get_object = s3._client.get_object
+    calls: list[tuple[str, dict[str, str]]] = []
+    request = s3._object  # every GET and HEAD, presigned or through botocore
 
-    async def recording(**kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return await get_object(**kwargs)
+    async def recording(op: str, key: str, headers: dict[str, str]) -> Any:
+        calls.append((op, dict(headers)))
+        return await request(op, key, headers)
 
     await asyncio.to_thread(put, old)
     try:
@@ -161,15 +161,18 @@ async def test_resume_after_overwrite_raises_storage_error(
             await asyncio.sleep(PAUSE_S)
             assert s3.detached_active == 1
             await asyncio.to_thread(put, new)
-            monkeypatch.setattr(s3._client, "get_object", recording)
+            monkeypatch.setattr(s3, "_object", recording)
+            presigned = s3.figures()["presigned_total"]
             with pytest.raises(StorageError) as caught:
                 await body.read(CHUNK)
             # Not ObjectChanged ("retry once"): headers are out, the stream must be cut.
             assert not isinstance(caught.value, ObjectChanged | StorageTimeout)
             assert s3.resumed_total == 0
-            [resume] = calls
-            assert resume["IfMatch"] == meta.etag
+            [(op, resume)] = calls
+            assert op == "get_object"
+            assert resume["If-Match"] == meta.etag
             assert resume["Range"] == f"bytes={len(first)}-{len(old) - 1}"
+            assert s3.figures()["presigned_total"] == presigned + 1, "S3's 412, answered presigned"
         finally:
             body.close()
     finally:
@@ -187,11 +190,11 @@ async def test_resume_checks_the_etag_when_if_match_is_ignored(
     def put(data: bytes) -> None:
         s3_server.client.put_object(Bucket=BUCKET, Key=S3_PREFIX + key, Body=data)
 
-    get_object = s3._client.get_object
+    request = s3._object
 
-    async def ignoring_if_match(**kwargs: Any) -> Any:  # as some S3 servers do
-        kwargs.pop("IfMatch", None)
-        return await get_object(**kwargs)
+    async def ignoring_if_match(op: str, key: str, headers: dict[str, str]) -> Any:
+        # as some S3 servers do
+        return await request(op, key, {k: v for k, v in headers.items() if k != "If-Match"})
 
     await asyncio.to_thread(put, old)
     try:
@@ -201,7 +204,7 @@ async def test_resume_checks_the_etag_when_if_match_is_ignored(
             assert await body.read(CHUNK)
             await asyncio.sleep(PAUSE_S)
             await asyncio.to_thread(put, new)
-            monkeypatch.setattr(s3._client, "get_object", ignoring_if_match)
+            monkeypatch.setattr(s3, "_object", ignoring_if_match)
             with pytest.raises(StorageError) as caught:
                 await body.read(CHUNK)
             assert not isinstance(caught.value, ObjectChanged | StorageTimeout)
