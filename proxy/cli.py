@@ -11,13 +11,16 @@ import resource
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from proxy import allocator
 from proxy.config import Config, load_config, parse_duration
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import log_event, setup_logging
 from proxy.signing import load_keys, signed_url
-from proxy.web.app import Sidecar
+
+if TYPE_CHECKING:  # imported by serve(): the allocator's re-execution comes before it
+    from proxy.web.app import Sidecar
 
 EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2
@@ -71,6 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return EXIT_OK
     setup_logging(cfg.logging.level, cfg.logging.format)
+    try:
+        env = allocator.environment_to_execute(
+            cfg.server.allocator, os.environ, running=allocator.in_use()
+        )
+    except allocator.AllocatorError as exc:
+        log_event(log, "server.start_failed", logging.ERROR, reason=str(exc))
+        return EXIT_STARTUP
+    if env is not None and argv is None:  # the program itself, not a caller's main([...])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, sys.orig_argv, env)  # same PID; never returns
     raise_fd_limit()
     if cfg.server.event_loop == "uvloop":
         import uvloop
@@ -99,6 +113,8 @@ def raise_fd_limit() -> int:
 
 async def serve(cfg: Config) -> int:
     """Start both listeners, wait for SIGTERM/SIGINT, then drain and stop."""
+    from proxy.web.app import Sidecar
+
     sidecar = Sidecar(cfg)
     try:
         await sidecar.start()
@@ -128,6 +144,7 @@ async def serve(cfg: Config) -> int:
         media=f"{cfg.server.host}:{sidecar.media_port}",
         admin=f"{cfg.admin.host}:{sidecar.admin_port}",
         event_loop=cfg.server.event_loop,
+        allocator=allocator.in_use(),
         config=cfg.source,
         pid=os.getpid(),
         fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],

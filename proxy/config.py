@@ -52,6 +52,8 @@ class ServerConfig:
     # uvloop by default: both loops are zero-copy, uvloop is cheaper per request (README
     # "Event loop and sendfile")
     event_loop: str = field(default="uvloop", metadata={"choices": ("asyncio", "uvloop")})
+    # jemalloc where installed: memory freed after a burst goes back to the OS (allocator.py)
+    allocator: str = field(default="auto", metadata={"choices": ("auto", "jemalloc", "system")})
     keepalive_timeout: float = 75.0
     shutdown_timeout: float = 30.0
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from proxy import allocator
 from proxy.db import Database
 from proxy.errors import ProxyError
 from proxy.model import Source
@@ -53,6 +54,7 @@ class AdminView:
         self.lookups = lookups
         self.started_wall = time.time()
         self.started = time.monotonic()
+        self.allocator = allocator.in_use()  # fixed at start: it reads /proc/self/maps
         self._probed_at = -PROBE_CACHE_S
         self._probe_results: dict[str, dict[str, Any]] = {}
         self._probe_lock = asyncio.Lock()
@@ -123,6 +125,7 @@ class AdminView:
             "rss_bytes": _rss_bytes(),
             "open_fds": _open_fds(),
             "draining": self.is_draining(),
+            "allocator": self.allocator,
         }
 
 

@@ -264,7 +264,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     """Changed keys a running process cannot apply: the listeners, admin, the access log."""
     changed = [
         f"server.{key}"
-        for key in ("host", "port", "event_loop", "keepalive_timeout")
+        for key in ("host", "port", "event_loop", "allocator", "keepalive_timeout")
         if getattr(old.server, key) != getattr(new.server, key)
     ]
     if old.admin != new.admin:

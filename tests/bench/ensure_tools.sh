@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Install the reference server (nginx-light) and the load generator (wrk) from Debian when
-# missing; a no-op when they are there. Arguments narrow the list: `ensure_tools.sh nginx
-# postgres` is what the test suite needs (nginx tests, PostgreSQL for lookup routes),
-# `make bench` needs nginx and wrk.
+# Install the reference server (nginx-light), the load generator (wrk), PostgreSQL and
+# jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) from Debian
+# when missing; a no-op when they are there. Arguments narrow the list: `ensure_tools.sh
+# nginx postgres jemalloc` is what the test suite needs, `make bench` nginx, wrk and jemalloc.
 set -euo pipefail
-declare -A package=([nginx]=nginx-light [wrk]=wrk [postgres]=postgresql)
+declare -A package=([nginx]=nginx-light [wrk]=wrk [postgres]=postgresql [jemalloc]=libjemalloc2)
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(nginx wrk)
+[ ${#tools[@]} -gt 0 ] || tools=(nginx wrk jemalloc)
 missing=()
 for tool in "${tools[@]}"; do
   [ -n "${package[$tool]:-}" ] || { echo "ensure_tools: unknown tool '$tool'" >&2; exit 2; }
-  # nginx lives in /usr/sbin, which is not on every user's PATH.
+  if [ "$tool" = jemalloc ]; then  # a library: ld.so's cache knows it, PATH does not
+    /sbin/ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so\.2' || missing+=("${package[$tool]}")
+    continue
+  fi
   if [ "$tool" = postgres ]; then  # Debian keeps the server binaries off PATH
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null \
       || missing+=("${package[$tool]}")
     continue
   fi
+  # nginx lives in /usr/sbin, which is not on every user's PATH.
   PATH="$PATH:/usr/sbin:/usr/local/sbin" command -v "$tool" >/dev/null 2>&1 \
     || missing+=("${package[$tool]}")
 done

@@ -285,6 +285,10 @@ RULES: list[tuple[object, str]] = [
         "server.event_loop: expected one of asyncio, uvloop, got 'trio'",
     ),
     (
+        with_(server={"allocator": "tcmalloc"}),
+        "server.allocator: expected one of auto, jemalloc, system, got 'tcmalloc'",
+    ),
+    (
         with_(admin={"token_env": "not a name"}),
         "admin.token_env: expected an environment variable name, got 'not a name'",
     ),
