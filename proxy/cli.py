@@ -81,10 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except allocator.AllocatorError as exc:
         log_event(log, "server.start_failed", logging.ERROR, reason=str(exc))
         return EXIT_STARTUP
-    if env is not None and argv is None:  # the program itself, not a caller's main([...])
+    if env is not None and argv is None and sys.executable:  # the program, not main([...])
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, env)  # same PID; never returns
+        try:
+            os.execve(sys.executable, sys.orig_argv, env)  # same PID; never returns
+        except OSError as exc:  # go on as we are: the allocator is not worth a failed start
+            log_event(log, "server.allocator_failed", logging.WARNING, reason=str(exc))
     raise_fd_limit()
     if cfg.server.event_loop == "uvloop":
         import uvloop

@@ -9,6 +9,7 @@ started here is stopped by its PID; the temporary directory is removed unless --
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import http.client
 import json
 import os
@@ -664,6 +665,8 @@ def machine_facts(pin_note: str) -> dict[str, str]:
         "nginx": first_line(["nginx", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
         "pinning": pin_note,
+        # server.allocator is left at auto, the shipped default (proxy/allocator.py)
+        "sidecar allocator": "jemalloc" if ctypes.util.find_library("jemalloc") else "pymalloc",
     }
 
 

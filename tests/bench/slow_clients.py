@@ -399,8 +399,11 @@ class Server:
 class Servers:
     """Starts a fresh sidecar or nginx on free ports and waits until it serves the object."""
 
-    def __init__(self, procs: Processes, work: Path, s3: S3, loop: str) -> None:
+    def __init__(
+        self, procs: Processes, work: Path, s3: S3, loop: str, allocator: str = "auto"
+    ) -> None:
         self.procs, self.work, self.s3, self.loop = procs, work, s3, loop
+        self.allocator = allocator
         self.expected = (work / "media" / OBJECT).read_bytes()[:MIB]
         self.count = 0
 
@@ -426,7 +429,12 @@ class Servers:
 
         port, admin = free_port(), free_port()
         config = {
-            "server": {"host": "127.0.0.1", "port": port, "event_loop": self.loop},
+            "server": {
+                "host": "127.0.0.1",
+                "port": port,
+                "event_loop": self.loop,
+                "allocator": self.allocator,
+            },
             "admin": {"host": "127.0.0.1", "port": admin},
             "storages": {
                 "disk": {"type": "disk", "root": str(self.work / "media")},
@@ -1032,6 +1040,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-fast", action="store_true", help="skip the fast-client comparison")
     ap.add_argument("--event-loop", default="uvloop", choices=("asyncio", "uvloop"))
     ap.add_argument(
+        "--allocator",
+        default="auto",
+        choices=("auto", "jemalloc", "system"),
+        help="the sidecar's server.allocator (auto: the shipped default)",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="N=200 only, 5 s stall, 5 s after, 3 fast runs"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -1079,7 +1093,7 @@ def main() -> int:
         s3 = start_weed(procs, work)
         upload(s3, data)
         del data
-        servers = Servers(procs, work, s3, args.event_loop)
+        servers = Servers(procs, work, s3, args.event_loop, args.allocator)
         if not args.no_fast:
             try:
                 fast = fast_client(servers, procs, s3, args.repeat, sha256)
@@ -1116,6 +1130,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     facts["load average at end"] = f"{os.getloadavg()[0]:.2f}"
     facts["duration"] = f"{time.monotonic() - started:.0f} s"
+    allocators = {c.stats_after["process"].get("allocator") for c in cells if c.stats_after}
+    facts["sidecar allocator"] = ", ".join(sorted(str(a) for a in allocators)) or "unknown"
     text = report(facts, cells, fast, failures, args)
     print("\n" + text)
     out = REPO / "bench-results" / f"slow-{time.strftime('%Y%m%d-%H%M%S')}"
