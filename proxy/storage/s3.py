@@ -1,4 +1,8 @@
-"""An S3 bucket (AWS, SeaweedFS, MinIO…) as a storage, through one long-lived aiobotocore client."""
+"""An S3 bucket (AWS, SeaweedFS, MinIO…) as a storage, through one long-lived aiobotocore client.
+
+GETs and HEADs go out on the client's presigned URLs first (s3_signed.py), botocore's own
+calls when those are not answered plainly.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from proxy.config import S3StorageConfig
 from proxy.errors import NotFound, ObjectChanged, StorageError, StorageTimeout
 from proxy.model import ByteRange, ObjectMeta, Opened, read_exactly
 from proxy.storage.s3_body import READ_BUFSIZE, S3Body, cap_socket_reads
-from proxy.storage.s3_signed import RangeUnsatisfiable, SignedRequests
+from proxy.storage.s3_signed import Fallback, RangeUnsatisfiable, SignedRequests
 
 # S3's default when the uploader set no type: treat it as "no metadata" (SPEC §3).
 _GENERIC_TYPES: Final = frozenset({"", "binary/octet-stream"})
@@ -326,17 +330,23 @@ class S3Storage:
 
     async def _object(self, op: str, key: str, headers: dict[str, str]) -> Any:
         """head_object or get_object: through a presigned URL when that answers, else botocore."""
-        if self._signed is not None:
+        signed = self._signed
+        fallback = None
+        if signed is not None:
             method = "GET" if op == "get_object" else "HEAD"
-            answer = await self._signed.request(method, self._prefix + key, headers)
-            if answer is not None:
+            answer = await signed.request(method, self._prefix + key, headers)
+            if not isinstance(answer, Fallback):
                 return answer
+            fallback = answer
         params = {"Bucket": self._bucket, "Key": self._prefix + key}
         if "Range" in headers:
             params["Range"] = headers["Range"]
         if "If-Match" in headers:
             params["IfMatch"] = headers["If-Match"]
-        return await self._call(op, key, **params)
+        answer = await self._call(op, key, **params)
+        if signed is not None and fallback is not None and fallback.refused:
+            signed.refused_where_botocore_was_served()
+        return answer
 
     async def _call(self, op: str, key: str, **kwargs: Any) -> Any:
         try:

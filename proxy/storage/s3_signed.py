@@ -9,8 +9,9 @@ ordinary headers beside it.
 
 Only the plain answers are handled here: 200 and 206, 404 NoSuchKey, 412 and 416. Any
 other (a redirect to another region, throttling, 5xx, expired credentials, a server that
-refuses query-string authentication) or a failed connection returns None, and the caller
-sends the request again through botocore, which retries, follows and names the error.
+refuses query-string authentication) or a failed connection returns a Fallback, and the
+caller sends the request again through botocore, which retries, follows and names the
+error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import contextlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import aiohttp
 from aiobotocore.response import AioStreamingBody
@@ -34,8 +35,9 @@ from proxy.log import log_event
 URL_EXPIRES_S: Final = 900  # what S3 is told
 URL_REUSE_S: Final = 600  # what we use: the rest is margin for skewed clocks and slow sends
 MAX_URLS: Final = 4096  # cached (method, key) pairs; the oldest goes first
-# This many refusals (400, 403) in a row, with no success between, mean the server does not
-# take presigned URLs (or not ours): stop trying until restart, say so once.
+# This many refusals (400, 403) that botocore then got served, in a row, mean the server
+# does not take presigned URLs (or not ours): stop trying until restart, say so once. A
+# refusal botocore gets too (AccessDenied for a key, say) says nothing about presigning.
 REFUSALS_TO_GIVE_UP: Final = 8
 _ERROR_BODY_MAX: Final = 4096  # an S3 error document is a few hundred bytes
 log = logging.getLogger("proxy.storage")
@@ -43,6 +45,16 @@ log = logging.getLogger("proxy.storage")
 
 class RangeUnsatisfiable(StorageError):
     """S3 answered 416 to a Range: the object is shorter than the range's first byte."""
+
+
+class Fallback(NamedTuple):
+    """Not answered here: send the request through botocore."""
+
+    refused: bool  # S3 answered 400 or 403 to the presigned URL
+
+
+_FAILED: Final = Fallback(refused=False)
+_REFUSED: Final = Fallback(refused=True)
 
 
 class SignedRequests:
@@ -65,21 +77,20 @@ class SignedRequests:
 
     async def request(
         self, method: str, key: str, headers: dict[str, str]
-    ) -> dict[str, Any] | None:
-        """The answer as botocore would parse it (`Body` open for a GET), or None: use botocore.
+    ) -> dict[str, Any] | Fallback:
+        """The answer as botocore would parse it (`Body` open for a GET), or a Fallback.
 
         Raises NotFound, ObjectChanged or RangeUnsatisfiable for S3's plain refusals.
         """
         if not self.enabled:
-            return None
+            return _FAILED
         try:
             url = await self._url(method, key)
         except BotoCoreError:  # no credentials, say: botocore's own call will name it
-            self._fall_back(method, key)
-            return None
+            return self._fall_back(method, key, _FAILED)
         if url is None:
             self.enabled = False  # an HTTP proxy is configured: botocore knows how to use it
-            return None
+            return _FAILED
         try:
             session = await self._client._endpoint.http_session._get_session(None)
             response = await session.request(
@@ -89,47 +100,51 @@ class SignedRequests:
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, OSError, TimeoutError):
-            self._fall_back(method, key)
-            return None
+            return self._fall_back(method, key, _FAILED)
         try:
             return await self._answer(method, key, response)
         except BaseException:
             response.close()
             raise
 
+    def _answered(self) -> None:
+        self._refusals = 0  # S3 takes our URLs
+        self.answered_total += 1
+
+    def refused_where_botocore_was_served(self) -> None:
+        """A presigned URL was refused and the same request through botocore was answered."""
+        self._refusals += 1
+        if self._refusals >= REFUSALS_TO_GIVE_UP and self.enabled:
+            self.enabled = False
+            log_event(log, "s3.presigned_refused", logging.WARNING, storage=self._storage,
+                      refusals=self._refusals)  # fmt: skip
+
     async def _answer(
         self, method: str, key: str, response: aiohttp.ClientResponse
-    ) -> dict[str, Any] | None:
+    ) -> dict[str, Any] | Fallback:
         status = response.status
         if status in (200, 206):
-            self._refusals = 0
-            self.answered_total += 1
+            self._answered()
             return _parsed(method, response)
         if status == 404 and (method == "HEAD" or await _error_code(response) == "NoSuchKey"):
             response.release()
-            self.answered_total += 1
+            self._answered()
             raise NotFound("no such key")
         if status == 412:
             response.release()
-            self.answered_total += 1
+            self._answered()
             raise ObjectChanged("object changed", storage=self._storage, key=key)
         if status == 416:
             response.release()
-            self.answered_total += 1
+            self._answered()
             raise RangeUnsatisfiable("S3 GET: range not satisfiable", storage=self._storage)
         response.close()  # an unread error body: the connection is not reused
-        if status in (400, 403):
-            self._refusals += 1
-            if self._refusals >= REFUSALS_TO_GIVE_UP:
-                self.enabled = False
-                log_event(log, "s3.presigned_refused", logging.WARNING, storage=self._storage,
-                          status=status, refusals=self._refusals)  # fmt: skip
-        self._fall_back(method, key)
-        return None
+        return self._fall_back(method, key, _REFUSED if status in (400, 403) else _FAILED)
 
-    def _fall_back(self, method: str, key: str) -> None:
+    def _fall_back(self, method: str, key: str, fallback: Fallback) -> Fallback:
         self._urls.pop((method, key), None)  # signed with expired credentials, perhaps
         self.fallbacks_total += 1
+        return fallback
 
     async def _url(self, method: str, key: str) -> str | None:
         """A presigned URL for `method` on `key`, reused while fresh; None behind a proxy."""

@@ -175,3 +175,22 @@ def test_faults_leave_the_server_healthy(sidecar: SidecarProcess, s3: FakeS3) ->
     assert got.status == 200 and got.complete and got.body == DATA
     s = stats(sidecar)
     assert s["connections"]["active"] == 0
+
+
+def test_storage_error_on_the_presigned_get_is_sent_again_through_botocore(
+    sidecar: SidecarProcess, s3: FakeS3
+) -> None:
+    """A 503 (SlowDown) to the presigned GET: botocore's own GET then serves the client."""
+    s3.fault(S3_PREFIX + KEY, status=503, times=1)
+    before = settle(sidecar)
+    got = fetch(sidecar.port, f"/s3/{KEY}", headers={"Range": "bytes=0-99"})
+    assert got.status == 206 and got.complete and got.body == DATA[:100]
+    after = settle(sidecar)
+    presigned, sdk = s3.requests_for(S3_PREFIX + KEY, "GET")[-2:]
+    assert "authorization" not in presigned.headers and presigned.fault is not None
+    assert sdk.headers["authorization"].startswith("AWS4-HMAC-SHA256") and sdk.fault is None
+    assert sdk.headers["range"] == "bytes=0-99"
+    figures = {k: after["storages"]["uploads"][k] - before["storages"]["uploads"][k]
+               for k in ("presigned_total", "presigned_fallbacks_total")}  # fmt: skip
+    assert figures == {"presigned_total": 0, "presigned_fallbacks_total": 1}
+    assert delta(before, after)["completed"] == 1

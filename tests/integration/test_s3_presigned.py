@@ -21,7 +21,7 @@ from proxy.errors import NotFound, ObjectChanged, StorageError
 from proxy.model import ByteRange, ObjectMeta
 from proxy.storage import s3_signed
 from proxy.storage.s3 import S3Storage
-from proxy.storage.s3_signed import SignedRequests
+from proxy.storage.s3_signed import Fallback, SignedRequests
 from tests.conftest import BUCKET, FILES, S3_PREFIX, S3Server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -192,10 +192,33 @@ async def test_a_server_refusing_presigned_urls_is_given_up(
     await released(s3)
 
 
+async def test_refusals_botocore_shares_do_not_give_up_presigning(
+    s3: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """403 to both (AccessDenied for a key, as AWS answers without s3:ListBucket)."""
+    sign = SignedRequests._url
+
+    async def always_tampered(self: SignedRequests, method: str, key: str) -> str | None:
+        url = await sign(self, method, key)
+        return None if url is None else tamper(url)
+
+    async def access_denied(op: str, key: str, **kwargs: Any) -> Any:
+        raise StorageError(f"S3 {op} refused: AccessDenied", storage="uploads", key=key)
+
+    monkeypatch.setattr(SignedRequests, "_url", always_tampered)
+    monkeypatch.setattr(s3, "_call", access_denied)
+    for _ in range(s3_signed.REFUSALS_TO_GIVE_UP + 3):
+        with pytest.raises(StorageError, match="AccessDenied"):
+            await s3.stat("hello.txt")
+    assert signed(s3).enabled
+    assert counts(s3) == (0, s3_signed.REFUSALS_TO_GIVE_UP + 3)
+    await released(s3)
+
+
 async def test_missing_bucket_is_botocores_error(s3: S3Storage, s3_server: S3Server) -> None:
     """404 NoSuchBucket is not 'no such key': botocore names it, as a storage error."""
     requests = SignedRequests(s3._client, f"no-such-bucket-{uuid.uuid4().hex[:8]}", "uploads")
-    assert await requests.request("GET", "hello.txt", {}) is None
+    assert await requests.request("GET", "hello.txt", {}) == Fallback(refused=False)
     assert (requests.answered_total, requests.fallbacks_total) == (0, 1)
     assert requests.enabled, "a 404 is not a refusal of presigned URLs"
     with pytest.raises(StorageError) as caught:
