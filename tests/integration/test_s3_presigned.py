@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -70,6 +70,17 @@ def tamper(url: str) -> str:
     ]
     assert any(k in ("X-Amz-Signature", "Signature") for k, _ in query), url
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def rewrite_urls(monkeypatch: pytest.MonkeyPatch, rewrite: Callable[[str], str]) -> None:
+    """Every presigned URL goes out rewritten (signed as usual, then changed)."""
+    sign = SignedRequests._url
+
+    async def rewritten(self: SignedRequests, method: str, key: str) -> str | None:
+        url = await sign(self, method, key)
+        return None if url is None else rewrite(url)
+
+    monkeypatch.setattr(SignedRequests, "_url", rewritten)
 
 
 async def test_head_and_ranges_are_answered_presigned(s3: S3Storage) -> None:
@@ -177,13 +188,7 @@ async def test_a_server_refusing_presigned_urls_is_given_up(
     s3: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After REFUSALS_TO_GIVE_UP refusals in a row, every request goes to botocore only."""
-    sign = SignedRequests._url
-
-    async def always_tampered(self: SignedRequests, method: str, key: str) -> str | None:
-        url = await sign(self, method, key)
-        return None if url is None else tamper(url)
-
-    monkeypatch.setattr(SignedRequests, "_url", always_tampered)
+    rewrite_urls(monkeypatch, tamper)
     meta = await s3.stat("hello.txt")
     for _ in range(s3_signed.REFUSALS_TO_GIVE_UP + 3):
         assert await s3.read(meta, ByteRange(0, len(HELLO) - 1)) == HELLO
@@ -196,16 +201,11 @@ async def test_refusals_botocore_shares_do_not_give_up_presigning(
     s3: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """403 to both (AccessDenied for a key, as AWS answers without s3:ListBucket)."""
-    sign = SignedRequests._url
-
-    async def always_tampered(self: SignedRequests, method: str, key: str) -> str | None:
-        url = await sign(self, method, key)
-        return None if url is None else tamper(url)
 
     async def access_denied(op: str, key: str, **kwargs: Any) -> Any:
         raise StorageError(f"S3 {op} refused: AccessDenied", storage="uploads", key=key)
 
-    monkeypatch.setattr(SignedRequests, "_url", always_tampered)
+    rewrite_urls(monkeypatch, tamper)
     monkeypatch.setattr(s3, "_call", access_denied)
     for _ in range(s3_signed.REFUSALS_TO_GIVE_UP + 3):
         with pytest.raises(StorageError, match="AccessDenied"):
@@ -231,14 +231,11 @@ async def test_unreachable_server_falls_back(
     s3: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection that fails on the presigned path is botocore's to retry and report."""
-    sign = SignedRequests._url
 
-    async def to_a_closed_port(self: SignedRequests, method: str, key: str) -> str | None:
-        url = await sign(self, method, key)
-        assert url is not None
+    def to_a_closed_port(url: str) -> str:
         return urlunsplit(urlsplit(url)._replace(netloc="127.0.0.1:9"))  # discard: refused
 
-    monkeypatch.setattr(SignedRequests, "_url", to_a_closed_port)
+    rewrite_urls(monkeypatch, to_a_closed_port)
     assert (await s3.stat("hello.txt")).size == len(HELLO)
     assert counts(s3) == (0, 1)
     await released(s3)
