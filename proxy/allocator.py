@@ -4,10 +4,10 @@ CPython's small-object allocator (pymalloc) gives a 1 MiB arena back to the OS o
 every object in it is gone. After a burst of streams a few hundred KiB of survivors
 (free lists of uvloop and aiohttp, interpreter caches) are spread over the arenas the
 burst needed and keep them resident: +21 to +25 % RSS 10 s after 1000 S3 clients left,
-with 728 empty 16 KiB pools inside live arenas (README, "Performance"). jemalloc, with
-`PYTHONMALLOC=malloc` so that Python's objects come from it, returns free pages after
-`dirty_decay_ms` from a background thread, whatever else lives nearby: +7 % in the same
-run, and no measurable cost per request in the 4 KiB benchmark.
+with 728 empty 16 KiB pools inside live arenas (README, "Memory allocator"). jemalloc,
+with `PYTHONMALLOC=malloc` so that Python's objects come from it, returns free pages after
+`dirty_decay_ms` from a background thread, whatever else lives nearby: +3 to +10 % in the
+same benchmark, and no measurable cost per request in the 4 KiB one.
 
 Both settings must be in the environment before the interpreter starts, so `serve`
 executes itself once more with them (same PID, same argv; nothing is open yet). The
