@@ -331,20 +331,20 @@ class S3Storage:
     async def _object(self, op: str, key: str, headers: dict[str, str]) -> Any:
         """head_object or get_object: through a presigned URL when that answers, else botocore."""
         signed = self._signed
-        fallback = None
+        refused = False  # by S3, to the presigned URL
         if signed is not None:
             method = "GET" if op == "get_object" else "HEAD"
             answer = await signed.request(method, self._prefix + key, headers)
             if not isinstance(answer, Fallback):
                 return answer
-            fallback = answer
+            refused = answer.refused
         params = {"Bucket": self._bucket, "Key": self._prefix + key}
         if "Range" in headers:
             params["Range"] = headers["Range"]
         if "If-Match" in headers:
             params["IfMatch"] = headers["If-Match"]
         answer = await self._call(op, key, **params)
-        if signed is not None and fallback is not None and fallback.refused:
+        if refused and signed is not None:
             signed.refused_where_botocore_was_served()
         return answer
 
