@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Install the reference server (nginx-light), the load generator (wrk), PostgreSQL and
-# jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) from Debian
-# when missing; a no-op when they are there. Arguments narrow the list: `ensure_tools.sh
-# nginx postgres jemalloc` is what the test suite needs, `make bench` nginx, wrk and jemalloc.
+# Install the reference server (nginx-light), the load generators (wrk; curl, whose
+# --parallel transfers time each response's first byte for the lookup scenarios), PostgreSQL
+# and jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) from
+# Debian when missing; a no-op when they are there. Arguments narrow the list:
+# `ensure_tools.sh nginx postgres jemalloc` is what the test suite needs, `make bench` the
+# default list.
 set -euo pipefail
-declare -A package=([nginx]=nginx-light [wrk]=wrk [postgres]=postgresql [jemalloc]=libjemalloc2)
+declare -A package=(
+  [nginx]=nginx-light [wrk]=wrk [curl]=curl [postgres]=postgresql [jemalloc]=libjemalloc2
+)
 tools=("$@")
-[ ${#tools[@]} -gt 0 ] || tools=(nginx wrk jemalloc)
+[ ${#tools[@]} -gt 0 ] || tools=(nginx wrk curl jemalloc)
 missing=()
 for tool in "${tools[@]}"; do
   [ -n "${package[$tool]:-}" ] || { echo "ensure_tools: unknown tool '$tool'" >&2; exit 2; }
@@ -17,6 +21,10 @@ for tool in "${tools[@]}"; do
   if [ "$tool" = postgres ]; then  # Debian keeps the server binaries off PATH
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null \
       || missing+=("${package[$tool]}")
+    continue
+  fi
+  if [ "$tool" = curl ]; then  # --parallel came with curl 7.66
+    curl --help all 2>/dev/null | grep -q -- '--parallel-max' || missing+=("${package[$tool]}")
     continue
   fi
   # nginx lives in /usr/sbin, which is not on every user's PATH.
