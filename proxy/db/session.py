@@ -11,6 +11,8 @@ from typing import Any
 
 import aiopg
 
+from proxy import turns
+
 Params = dict[str, object]
 
 
@@ -82,6 +84,7 @@ class Session:
         aio._ready(aio._weakref)  # flush the query; later results arrive via the reader
         self.waiter, self.expires = waiter, time.monotonic() + self.guard_s
         self.watch(self)
+        turns.awaited += 1  # bodies go out in slices meanwhile (proxy.turns)
         try:
             await waiter
         except (asyncio.CancelledError, TimeoutError):
@@ -90,6 +93,7 @@ class Session:
             aio.close()
             raise
         finally:
+            turns.awaited -= 1
             self.waiter = aio._waiter = None
         cur = self.cursor
         description = cur.description

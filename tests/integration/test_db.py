@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from proxy import turns
 from proxy.config import DatabaseConfig
 from proxy.db import PREPARE_THRESHOLD, Database, QueryRejected
 from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable
@@ -44,6 +45,7 @@ def at_rest(db: Database) -> None:
     figures = db.figures()
     assert (figures["in_use"], figures["waiting"], figures["connecting"]) == (0, 0, 0), figures
     assert figures["leaks"] == [], figures
+    assert turns.awaited == 0, "a reply still counted as awaited: bodies would stay sliced"
 
 
 def sessions(pg: PgServer, app: str) -> list[tuple[str, str]]:
@@ -191,6 +193,7 @@ async def test_real_cancellation_is_not_a_timeout(make_db: MakeDb) -> None:
     task = asyncio.create_task(db.fetch_one("SELECT pg_sleep(3)", {}, label="/slow/"))
     assert await eventually(lambda: db.figures()["in_use"] == 1)
     await asyncio.sleep(0.1)  # inside the query
+    assert turns.awaited == 1  # its reply is awaited: streams take turns meanwhile
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -7,15 +7,17 @@ import errno
 import os
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
 import pytest
 
+from proxy import turns
 from proxy.errors import StorageError
 from proxy.model import FileBody
 from proxy.registry import Tracked
-from proxy.stream import GROW_AFTER, SPLICE_MIN, pump, send_now
+from proxy.stream import GROW_AFTER, SENDFILE_SLICE, SPLICE_MIN, pump, send_now
 
 
 class ListBody:
@@ -313,3 +315,77 @@ async def test_out_of_descriptors_falls_back_to_copying_a_file(
         await run_pump(body, sink, len(data), chunk_size=64 * 1024)
     body.close()
     assert b"".join(sink.written) == data  # pread and write, nothing sent twice or lost
+
+
+class ReadingClient:
+    """A connected socket pair whose client end a thread reads to the end as fast as it can."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.client = socket.create_connection(self.server.getsockname())
+        self.conn, _ = self.server.accept()
+        self.conn.setblocking(False)
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while chunk := self.client.recv(1 << 20):
+            self.received += chunk
+
+    def finish(self) -> bytes:
+        self.conn.close()
+        self.thread.join(5)
+        self.client.close()
+        self.server.close()
+        return bytes(self.received)
+
+
+async def _send_file_while(awaited: int, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """pump a 1 MiB + 5 file by sendfile with `awaited` database replies pending; returns
+    (bytes received, each sendfile's count, calls made before each turn of a ticker task)."""
+    data = os.urandom(1024 * 1024 + 5)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    body = FileBody(os.open(path, os.O_RDONLY), 0, len(data))
+    counts: list[int] = []
+    real_sendfile = os.sendfile
+
+    def spy(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        counts.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    monkeypatch.setattr(turns, "awaited", awaited)
+    seen: list[int] = []  # what the ticker saw each time the loop gave it a turn
+
+    async def ticker() -> None:
+        while True:
+            seen.append(len(counts))
+            await asyncio.sleep(0)
+
+    peer = ReadingClient()
+    tick = asyncio.create_task(ticker())
+    try:
+        await run_pump(body, SocketSink(peer.conn), len(data), chunk_size=64 * 1024)
+    finally:
+        tick.cancel()
+        body.close()
+    assert peer.finish() == data  # every byte once, in order, whatever the slicing
+    return counts, seen
+
+
+async def test_bodies_go_out_in_slices_while_a_database_reply_is_awaited(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply waits for one slice of a warm file, not all of it (proxy.turns)."""
+    counts, seen = await _send_file_while(1, tmp_path, monkeypatch)
+    assert len(counts) >= 5 and max(counts) <= SENDFILE_SLICE  # 1 MiB + 5: five slices or more
+    assert set(range(1, 5)) <= set(seen)  # other tasks ran between the first five slices
+
+
+async def test_bodies_go_out_whole_when_no_reply_is_awaited(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts, _ = await _send_file_while(0, tmp_path, monkeypatch)
+    assert counts[0] == 1024 * 1024 + 5  # one call asks for all of it: no slicing cost
