@@ -294,6 +294,14 @@ class MediaHandler:
         else:
             media_id, variant, storage_name, key = None, None, route.storage or "", resolved.key
         policy = self._access.get(route.prefix)
+        if row is not None and policy is None and method == request.method:
+            template = self._templates.get(request.raw_path)
+            if template is not None and template.after_query:
+                sent = self._templates.send_resolved(template, request, tracked, row)
+                if sent is not None:  # the same row as last time: its small file's 200
+                    if tracked.outcome is not None:
+                        return sent
+                    return await self._drain_template(request, tracked, template, sent)
         if policy is not None:
             await policy.check(
                 raw_path=request.raw_path.split("?", 1)[0],
@@ -378,14 +386,21 @@ class MediaHandler:
                     data = await _timed(storage, read_exactly(ready, length), first_byte_s)
                 else:
                     data = await _timed(storage, storage.read(meta, ranges[0]), first_byte_s)
-                # Never for signed or internal (X-Accel) routes, nor uncached lookups: each
-                # request decides.
+                # Never for signed or internal (X-Accel) routes: each request decides.
                 if status == 200 and policy is None and not route.internal:
                     if row is None:
                         self._templates.remember(request.raw_path, storage, meta, headers, None)
-                    elif (resolver := self.lookups[route.prefix]).cache.enabled:
+                    else:
+                        resolver = self.lookups[route.prefix]
                         check = (resolver, (media_id or "", variant), row)
-                        self._templates.remember(request.raw_path, storage, meta, headers, check)
+                        self._templates.remember(
+                            request.raw_path,
+                            storage,
+                            meta,
+                            headers,
+                            check,
+                            after_query=not resolver.cache.enabled,
+                        )
                 return Whole(status, headers, data)
             body = ready
             if body is None:

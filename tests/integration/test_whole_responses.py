@@ -375,7 +375,8 @@ def lookup_sidecar(
         "INSERT INTO media (id, storage, key, content_type, filename) VALUES"
         " ('w-evil', 'local', 'hello.txt', E'text/plain\\r\\nSet-Cookie: stolen=1', NULL),"
         " ('w-evil-name', 'local', 'hello.txt', NULL, E'a\\r\\nb.txt'),"
-        " ('w-cached', 'local', 'hello.txt', 'text/x-first', 'first.txt')"
+        " ('w-cached', 'local', 'hello.txt', 'text/x-first', 'first.txt'),"
+        " ('w-uncached', 'local', 'hello.txt', 'text/x-first', 'first.txt')"
         " ON CONFLICT (id) DO NOTHING"
     )
     config = make_config(
@@ -387,6 +388,7 @@ def lookup_sidecar(
     )
     config["routes"] = [
         {"prefix": "/ids/", "lookup": {"query": LOOKUP, "cache_ttl": "600ms"}},
+        {"prefix": "/nocache-ids/", "lookup": {"query": LOOKUP, "cache_ttl": 0}},
         *config["routes"],
     ]
     with running_sidecar(
@@ -441,3 +443,53 @@ def test_a_cached_lookup_answers_from_its_template_until_the_row_expires(
     assert (status, body, headers["content-type"]) == (200, hello, "text/x-second")
     assert headers["content-disposition"].startswith('inline; filename="second.txt"')
     assert stats(sidecar)["database"]["cache"]["/ids/"]["misses"] - before["misses"] == 2
+
+
+def test_an_uncached_lookup_reuses_its_template_only_for_the_same_row(
+    lookup_sidecar: tuple[SidecarProcess, PgServer],
+) -> None:
+    """cache_ttl 0: every request queries; the template answers only when the row it was
+    made from comes back unchanged, so an edited row shows on the very next request."""
+    sidecar, pg = lookup_sidecar
+    hello, path = FILES["hello.txt"], "/nocache-ids/w-uncached"
+    base = quiet(sidecar)
+    sock = connect(sidecar.port)
+    try:
+        reader = Responses(sock)
+        for method in ("GET", "GET", "HEAD", "GET"):  # one connection: framing kept
+            sock.sendall(get(path, method=method))
+            status, headers, body = reader.next(head_request=method == "HEAD")
+            assert status == b"HTTP/1.1 200 OK"
+            assert body == (hello if method == "GET" else b"")
+            assert headers["content-length"] == str(len(hello))
+            assert headers["content-type"] == "text/x-first"
+            assert headers["content-disposition"].startswith('inline; filename="first.txt"')
+        pg.admin(
+            "UPDATE media SET content_type = 'text/x-second', filename = 'second.txt'"
+            " WHERE id = 'w-uncached'"
+        )
+        sock.sendall(get(path))  # no wait: nothing may keep the old row
+        status, headers, body = reader.next()
+        assert (status, body, headers["content-type"]) == (
+            b"HTTP/1.1 200 OK",
+            hello,
+            "text/x-second",
+        )
+        assert headers["content-disposition"].startswith('inline; filename="second.txt"')
+        pg.admin("UPDATE media SET key = 'one.bin' WHERE id = 'w-uncached'")
+        sock.sendall(get(path))
+        status, headers, body = reader.next()
+        assert (status, body) == (b"HTTP/1.1 200 OK", FILES["one.bin"])
+    finally:
+        sock.close()
+    after = quiet(sidecar)
+    cache0, cache1 = (
+        base["database"]["cache"]["/nocache-ids/"],
+        after["database"]["cache"]["/nocache-ids/"],
+    )
+    assert cache1["misses"] - cache0["misses"] == 6 and cache1["hits"] == cache0["hits"] == 0
+    c0, c1 = base["connections"], after["connections"]
+    assert c1["completed"] - c0["completed"] == 6 and c1["total"] - c0["total"] == 6
+    assert after["responses"]["2xx"] - base["responses"]["2xx"] == 6
+    sent = after["storages"]["local"]["bytes_sent"] - base["storages"]["local"]["bytes_sent"]
+    assert sent == 4 * len(hello) + len(FILES["one.bin"])
