@@ -116,6 +116,7 @@ def raise_fd_limit() -> int:
 
 async def serve(cfg: Config) -> int:
     """Start both listeners, wait for SIGTERM/SIGINT, then drain and stop."""
+    from proxy import heap
     from proxy.web.app import Sidecar
 
     sidecar = Sidecar(cfg)
@@ -141,6 +142,7 @@ async def serve(cfg: Config) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    frozen = heap.freeze_startup_objects()  # no await since start(): no request yet
     log_event(
         log,
         "server.listening",
@@ -151,6 +153,7 @@ async def serve(cfg: Config) -> int:
         config=cfg.source,
         pid=os.getpid(),
         fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        gc_frozen=frozen,
     )
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
