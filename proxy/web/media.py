@@ -296,7 +296,7 @@ class MediaHandler:
         policy = self._access.get(route.prefix)
         if row is not None and policy is None and method == request.method:
             template = self._templates.get(request.raw_path)
-            if template is not None and template.after_query:
+            if template is not None:
                 sent = self._templates.send_resolved(template, request, tracked, row)
                 if sent is not None:  # the same row as last time: its small file's 200
                     if tracked.outcome is not None:
