@@ -124,7 +124,9 @@ class LookupDb:
             self.pg.start()
             self.pg.seed()  # role, database, pg_stat_statements, tables, the test rows
             rows = [
-                (id_pattern(f) % i, STORAGE, f) for f in self.files for i in range(IDS_PER_FILE)
+                (id_pattern(f) % i, STORAGE, plain_pattern(f) % i)  # the plain route's keys
+                for f in self.files
+                for i in range(IDS_PER_FILE)
             ]
             values = ",".join(f"('{i}', '{s}', '{k}')" for i, s, k in rows)  # our own text
             self.pg.admin(f"INSERT INTO media (id, storage, key) VALUES {values}")

@@ -72,7 +72,7 @@ SCENARIOS = [
     Scenario("64m", "64 MiB", "64m.bin", FILES["64m.bin"]),
     Scenario("range", "1 MiB ranges of 64 MiB", "64m.bin", MIB, "range_mix.lua"),
 ]
-# The lookup scenarios: one sidecar (asyncio) with a plain, a cached and an uncached lookup
+# The lookup scenarios: one sidecar (uvloop) with a plain, a cached and an uncached lookup
 # route to the same file, against a PostgreSQL started for the run (lookup_bench.py).
 LOOKUPS = {"lookup-4k": ("4 KiB", "4k.bin"), "lookup-1m": ("1 MiB", "1m.bin")}
 ROUTES = ("plain", "cached", "uncached")
@@ -80,8 +80,13 @@ CACHED_MIN_RATIO = 0.9  # the issue's targets: cached >= 0.9x plain req/s,
 UNCACHED_MAX_P99_DELTA_MS = 2.0  # uncached first-byte p99 within 2 ms of plain, one query each
 # The routes of a lookup scenario take turns, round after round (plain, cached, uncached;
 # then cached, uncached, plain; …): a drift of the shared VM then weighs on all three alike,
-# where three runs one after the other saw the same route's req/s move by 25 %.
-LOOKUP_ROUNDS = 5
+# where three runs one after the other saw the same route's req/s move by 25 %. The VM's
+# speed drifts over seconds, so shorter rounds pair better: the cached/plain ratio of one
+# round had a standard deviation of 0.17-0.18 with rounds of 2 s and 0.11-0.14 with rounds
+# of 1 s. 20 rounds of 1 s (before 2026-11-28: 5 of 2 s, whose pooled ratio spread over
+# 0.86-1.05x between runs of one build); each curl round about half a wrk round long.
+LOOKUP_ROUNDS = 20
+ROUNDS_PER_DURATION = 10  # a wrk round lasts --duration / 10 s (at least 1 s)
 FIRST_BYTE_MIN_REQUESTS = 1000  # per route and round, for curl's first-byte pass
 FIRST_BYTE_MAX_REQUESTS = 30000
 
@@ -557,6 +562,7 @@ class LookupRun:
     acquire_ms_p99: float  # /stats database.acquire_ms: waiting for a pool connection
     rounds: int = 1
     round_requests_per_s: list[float] = field(default_factory=list)
+    round_cpu_us_per_request: list[float] = field(default_factory=list)  # the sidecar's
     client_first_byte: FirstBytes | None = None  # curl, pooled over the rounds
 
 
@@ -645,7 +651,7 @@ def measure_lookup(bench: Bench, t: LookupTarget, key: str) -> list[LookupRun]:
         if route != "plain":  # right bytes, then every id once: the cache is warm
             lb.check_and_warm(t.port, lookup_prefix(sc), sc.file, expected)
         bench.wrk(t.port, sc, 1)  # warm-up run: connections, pool, cache
-    seconds = max(2, -(-bench.duration // LOOKUP_ROUNDS))  # per round: 2 s of the default 10
+    seconds = max(1, -(-bench.duration // ROUNDS_PER_DURATION))  # 1 s with the default 10
     measured: dict[str, list[LookupRun]] = {route: [] for route in ROUTES}
     for round_no in range(LOOKUP_ROUNDS):
         for route in turn(round_no):
@@ -655,8 +661,8 @@ def measure_lookup(bench: Bench, t: LookupTarget, key: str) -> list[LookupRun]:
     pooled = {route: pool_lookup_runs(measured[route]) for route in ROUTES}
     parts: dict[str, list[FirstBytes]] = {route: [] for route in ROUTES}
     for round_no in range(LOOKUP_ROUNDS):
-        for route in turn(round_no):  # about as long as a wrk round, at wrk's rate
-            count = round(pooled[route].run.requests_per_s * seconds)
+        for route in turn(round_no):  # about half as long as a wrk round, at wrk's rate
+            count = round(pooled[route].run.requests_per_s * seconds / 2)
             count = min(max(count, FIRST_BYTE_MIN_REQUESTS), FIRST_BYTE_MAX_REQUESTS)
             part = bench.first_bytes(t.port, routes[route], count)
             print(
@@ -706,6 +712,7 @@ def measure_route(
         query_ms_p99=float(stats1["database"]["query_ms"]["p99"]),
         acquire_ms_p99=float(stats1["database"]["acquire_ms"]["p99"]),
         round_requests_per_s=[run.requests_per_s],
+        round_cpu_us_per_request=[1e6 * run.cpu_s / max(1, conns1["total"] - conns0["total"])],
     )
 
 
@@ -735,6 +742,7 @@ def pool_lookup_runs(rounds: list[LookupRun]) -> LookupRun:
         acquire_ms_p99=median("acquire_ms_p99"),
         rounds=len(rounds),
         round_requests_per_s=[r.run.requests_per_s for r in rounds],
+        round_cpu_us_per_request=[x for r in rounds for x in r.round_cpu_us_per_request],
     )
 
 
@@ -864,7 +872,8 @@ def lookup_report(runs: list[LookupRun], facts: dict[str, str]) -> list[str]:
     lines += ["", *md(LOOKUP_HEAD.split("|"), [lookup_detail(r) for r in runs]), ""]
     lines += [
         f"Each route: {LOOKUP_ROUNDS} wrk runs, the routes taking turns (plain, cached,"
-        " uncached; cached, uncached, plain; …), then as many rounds of curl. req/s and CPU:",
+        " uncached; cached, uncached, plain; …), then as many rounds of curl, each about half"
+        " as long. req/s and CPU:",
         "the runs pooled. p50/p90/p99: wrk, the whole response (for 4 KiB the first byte and",
         "the last arrive together; for 1 MiB it includes the transfer), the median run.",
         "First byte (curl): each response's time_starttransfer, the same number of requests",
