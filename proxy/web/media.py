@@ -36,14 +36,14 @@ from proxy.registry import (
     Registry,
     Tracked,
 )
-from proxy.resolver.lookup import LookupResolver, Querier, split_id
+from proxy.resolver.lookup import LookupResolver, MediaRow, Querier, split_id
 from proxy.resolver.path import PathResolver, Resolved
 from proxy.upstream import Upstream
 from proxy.web.byteranges import send_byteranges
 from proxy.web.delivery import Delivery, gone
 from proxy.web.forward import AccelRedirect, forward
 from proxy.web.streaming import ResponseStream, reset_connection
-from proxy.web.template import Template, Templates
+from proxy.web.template import Template, Templates, plain_request
 from proxy.web.wire import Sent, Whole
 
 log = logging.getLogger("proxy.stream")
@@ -129,6 +129,8 @@ class MediaHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         template = self._templates.get(request.raw_path)
         if template is not None:
+            if template.after_query:  # an uncached lookup's: its own query decides first
+                return await self._handle_fully(request, template)
             answered = self._templates.send(template, request, self._admit)
             if answered is not None:
                 sent, tracked = answered
@@ -151,8 +153,13 @@ class MediaHandler:
             log_event(log, "request.start", logging.DEBUG, conn=tracked.id, request_id=rid)
         return tracked
 
-    async def _handle_fully(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Every request the templates do not answer: admission, resolution, the storage."""
+    async def _handle_fully(
+        self, request: web.BaseRequest, after_query: Template | None = None
+    ) -> web.StreamResponse:
+        """Every request the templates do not answer: admission, resolution, the storage.
+
+        `after_query`: the template of an uncached lookup's path (_serve_after_query).
+        """
         try:
             tracked = self._admit(request, request.remote or "")
         except Overloaded as exc:
@@ -166,7 +173,7 @@ class MediaHandler:
         rid = tracked.request_id
         self.in_flight += 1
         try:
-            resp = await self._handle(request, tracked, rid)
+            resp = await self._handle(request, tracked, rid, after_query)
             if tracked.outcome is None:  # a whole response: hand it over here, then count it
                 return await self._delivery.deliver(request, resp, tracked)
             if isinstance(resp, Whole):  # it ended already (cut, aborted): nothing more goes out
@@ -211,9 +218,11 @@ class MediaHandler:
         return len(victims)
 
     async def _handle(
-        self, request: web.BaseRequest, tracked: Tracked, rid: str
+        self, request: web.BaseRequest, tracked: Tracked, rid: str, after_query: Template | None
     ) -> web.StreamResponse | Whole:
         try:
+            if after_query is not None and plain_request(request):
+                return await self._serve_after_query(request, tracked, after_query)
             resolved = self._resolver.resolve(request.raw_path)
             method, overrides = request.method, None
             if resolved.route.upstream is not None:
@@ -277,6 +286,30 @@ class MediaHandler:
         self._registry.finish(tracked, COMPLETED, 200)
         return sent
 
+    async def _serve_after_query(
+        self, request: web.BaseRequest, tracked: Tracked, template: Template
+    ) -> web.StreamResponse | Whole:
+        """A GET or HEAD of an uncached lookup's path that has a template: the query, then
+        the template if the row is the one it was made from (send_resolved); else the full
+        way with that row, so still one query per request.
+
+        The template knows its route and id, so the path is not resolved again: with the
+        steps of _serve it skips, 8-9 us (5 %) of such a request's CPU.
+        """
+        assert template.row is not None  # after_query templates are lookups'
+        resolver, (media_id, variant), _ = template.row
+        row = await resolver.resolve(media_id, variant)
+        sent = self._templates.send_resolved(template, request, tracked, row)
+        if sent is not None:  # the same row as last time: its small file's 200
+            if tracked.outcome is not None:
+                return sent
+            return await self._drain_template(request, tracked, template, sent)
+        resolved = self._resolver.resolve(request.raw_path)
+        try:
+            return await self._serve(request, resolved, tracked, request.method, queried=row)
+        except ObjectChanged:  # replaced between stat and open: decide again, once
+            return await self._serve(request, resolved, tracked, request.method, queried=row)
+
     async def _serve(
         self,
         request: web.BaseRequest,
@@ -284,24 +317,28 @@ class MediaHandler:
         tracked: Tracked,
         method: str,
         overrides: list[tuple[str, str]] | None = None,
+        *,
+        queried: MediaRow | None = None,
     ) -> web.StreamResponse | Whole:
+        """`queried`: the lookup's row when this request ran its query already."""
         route = resolved.route
-        row = None
+        policy = self._access.get(route.prefix)
+        row = queried
         if route.lookup is not None:  # /<prefix>/<id>[/<variant>] through the database
             media_id, variant = split_id(resolved.key)
-            row = await self.lookups[route.prefix].resolve(media_id, variant)
+            if row is None:
+                row = await self.lookups[route.prefix].resolve(media_id, variant)
+                if policy is None and method == request.method:
+                    template = self._templates.get(request.raw_path)
+                    if template is not None:
+                        sent = self._templates.send_resolved(template, request, tracked, row)
+                        if sent is not None:  # the same row as last time: its small file's 200
+                            if tracked.outcome is not None:
+                                return sent
+                            return await self._drain_template(request, tracked, template, sent)
             storage_name, key = row.storage, row.key
         else:
             media_id, variant, storage_name, key = None, None, route.storage or "", resolved.key
-        policy = self._access.get(route.prefix)
-        if row is not None and policy is None and method == request.method:
-            template = self._templates.get(request.raw_path)
-            if template is not None:
-                sent = self._templates.send_resolved(template, request, tracked, row)
-                if sent is not None:  # the same row as last time: its small file's 200
-                    if tracked.outcome is not None:
-                        return sent
-                    return await self._drain_template(request, tracked, template, sent)
         if policy is not None:
             await policy.check(
                 raw_path=request.raw_path.split("?", 1)[0],

@@ -89,7 +89,7 @@ class Templates:
         then answers it. Otherwise the request is admitted (`admit`) and counted like any
         other; it stays active only while the client has not taken the bytes.
         """
-        if template.after_query or not _plain_request(request):
+        if template.after_query or not plain_request(request):
             return None
         body = self._checked_body(template, request)
         if body is None or not self._registry.has_room(client := request.remote or ""):
@@ -109,7 +109,7 @@ class Templates:
             not template.after_query
             or template.row is None
             or template.row[2] != row
-            or not _plain_request(request)
+            or not plain_request(request)
         ):
             return None
         body = self._checked_body(template, request)
@@ -148,7 +148,7 @@ class Templates:
         return Sent(200, keep_alive, len(body))
 
 
-def _plain_request(request: web.BaseRequest) -> bool:
+def plain_request(request: web.BaseRequest) -> bool:
     """GET or HEAD with no Range and no precondition: what a template can answer."""
     method, h = request.method, request.headers
     return (method == "GET" or method == "HEAD") and not (

@@ -376,7 +376,8 @@ def lookup_sidecar(
         " ('w-evil', 'local', 'hello.txt', E'text/plain\\r\\nSet-Cookie: stolen=1', NULL),"
         " ('w-evil-name', 'local', 'hello.txt', NULL, E'a\\r\\nb.txt'),"
         " ('w-cached', 'local', 'hello.txt', 'text/x-first', 'first.txt'),"
-        " ('w-uncached', 'local', 'hello.txt', 'text/x-first', 'first.txt')"
+        " ('w-uncached', 'local', 'hello.txt', 'text/x-first', 'first.txt'),"
+        " ('w-uncached-2', 'local', 'hello.txt', 'text/x-first', NULL)"
         " ON CONFLICT (id) DO NOTHING"
     )
     config = make_config(
@@ -493,3 +494,49 @@ def test_an_uncached_lookup_reuses_its_template_only_for_the_same_row(
     assert after["responses"]["2xx"] - base["responses"]["2xx"] == 6
     sent = after["storages"]["local"]["bytes_sent"] - base["storages"]["local"]["bytes_sent"]
     assert sent == 4 * len(hello) + len(FILES["one.bin"])
+
+
+def test_an_uncached_template_leaves_ranges_methods_and_errors_to_the_full_path(
+    lookup_sidecar: tuple[SidecarProcess, PgServer],
+) -> None:
+    """Once an uncached lookup's path has a template, a GET or HEAD runs its query before
+    anything else; a Range still gets its 206, another method its 405 without a query,
+    and a row that is gone its 404: one query per GET or HEAD, none for the POST."""
+    sidecar, pg = lookup_sidecar
+    hello, path = FILES["hello.txt"], "/nocache-ids/w-uncached-2"
+    base = quiet(sidecar)
+    sock = connect(sidecar.port)
+    try:
+        reader = Responses(sock)
+        sock.sendall(get(path))  # makes the template
+        assert reader.next()[::2] == (b"HTTP/1.1 200 OK", hello)
+        sock.sendall(get(path, "Range: bytes=1-3\r\n"))
+        status, headers, body = reader.next()
+        assert (status, body) == (b"HTTP/1.1 206 Partial Content", hello[1:4])
+        assert headers["content-range"] == f"bytes 1-3/{len(hello)}"
+        sock.sendall(get(path, "Content-Length: 0\r\n", method="POST"))
+        status, headers, body = reader.next()
+        assert status == b"HTTP/1.1 405 Method Not Allowed" and headers["allow"] == "GET, HEAD"
+        assert orjson.loads(body) == {"error": "method_not_allowed"}
+        sock.sendall(get(path, method="HEAD"))  # the template, after its query
+        status, headers, body = reader.next(head_request=True)
+        assert (status, body) == (b"HTTP/1.1 200 OK", b"")
+        assert headers["content-length"] == str(len(hello))
+        pg.admin("DELETE FROM media WHERE id = 'w-uncached-2'")
+        sock.sendall(get(path))
+        status, headers, body = reader.next()
+        assert status == b"HTTP/1.1 404 Not Found", status
+        assert headers["content-type"] == "application/json"
+        assert orjson.loads(body) == {"error": "not_found"}
+    finally:
+        sock.close()
+    after = quiet(sidecar)
+    cache0, cache1 = (
+        base["database"]["cache"]["/nocache-ids/"],
+        after["database"]["cache"]["/nocache-ids/"],
+    )
+    assert cache1["misses"] - cache0["misses"] == 4  # GET, Range, HEAD, GET: not the POST
+    c0, c1 = base["connections"], after["connections"]
+    assert c1["total"] - c0["total"] == 5
+    assert after["responses"]["2xx"] - base["responses"]["2xx"] == 3
+    assert after["responses"]["4xx"] - base["responses"]["4xx"] == 2
