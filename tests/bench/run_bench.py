@@ -695,7 +695,7 @@ def measure_route(
     c0 = stats0["database"]["cache"].get(prefix, {})
     c1 = stats1["database"]["cache"].get(prefix, {})
     p90 = re.search(r"^\s+90%\s+([\d.]+)(\w+)", run.wrk_output, re.M)
-    return LookupRun(
+    measured = LookupRun(
         scenario=LOOKUPS[sc.key][0],
         route=route,
         path=sc.path,
@@ -712,8 +712,9 @@ def measure_route(
         query_ms_p99=float(stats1["database"]["query_ms"]["p99"]),
         acquire_ms_p99=float(stats1["database"]["acquire_ms"]["p99"]),
         round_requests_per_s=[run.requests_per_s],
-        round_cpu_us_per_request=[1e6 * run.cpu_s / max(1, conns1["total"] - conns0["total"])],
     )
+    measured.round_cpu_us_per_request = [per_request(run.cpu_s, measured)]
+    return measured
 
 
 def pool_lookup_runs(rounds: list[LookupRun]) -> LookupRun:
