@@ -122,12 +122,15 @@ class Statements:
             await conn.roundtrip("DEALLOCATE ALL", None)
             conn.prepared.clear()
         while True:
+            # What this PREPARE said, not what stmt says once it answers: sessions prepare
+            # concurrently, and another one may have declared the types meanwhile.
+            untyped = stmt.typed is None
             try:
                 await conn.roundtrip(stmt.prepare_sql(), None)
             except (psycopg2.OperationalError, psycopg2.InterfaceError):
                 raise
             except psycopg2.Error as exc:
-                if exc.pgcode in _UNTYPABLE and stmt.typed is None:
+                if exc.pgcode in _UNTYPABLE and untyped:
                     stmt.typed = "text"  # e.g. `$2 IS NULL` alone: say what our values are
                     continue
                 return False

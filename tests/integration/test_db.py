@@ -542,6 +542,31 @@ async def test_lookup_runs_as_one_prepared_statement(make_db: MakeDb, pg_server:
     at_rest(db)
 
 
+async def test_sessions_preparing_at_once_all_keep_the_statement(
+    make_db: MakeDb, pg_server: PgServer
+) -> None:
+    """The first PREPARE of `%(variant)s IS NULL` alone fails untyped and is declared as text.
+    Sessions that sent the untyped PREPARE at the same time must retry as well: once, a
+    concurrent start left the statement marked unpreparable and every lookup ran as text."""
+    db, _ = await make_db(pool_max=4)
+    query = "SELECT key FROM media WHERE id = %(id)s AND %(variant)s IS NULL"
+    params = {"id": "m-one", "variant": None}
+    await asyncio.gather(*(db.fetch_one("SELECT pg_sleep(0.1)", {}, label="/m/") for _ in range(4)))
+    assert db.figures()["size"] == 4
+    prepared = db.figures()["prepares"]
+    pg_server.reset_statements()
+    for _ in range(PREPARE_THRESHOLD):  # as text
+        assert await db.fetch_one(query, params, label="/m/") == {"key": "one.bin"}
+    for _ in range(3):  # each session prepares in the first round, then executes
+        rows = await asyncio.gather(*(db.fetch_one(query, params, label="/m/") for _ in range(4)))
+        assert rows == [{"key": "one.bin"}] * 4
+    assert db.figures()["prepares"] - prepared == 4 and db.figures()["errors"] == 0
+    executed = pg_server.statement_calls("PREPARE sidecar\\_% AS SELECT key FROM media%")
+    as_text = pg_server.statement_calls("SELECT key FROM media WHERE id = $1 AND $2 IS NULL")
+    assert (executed, as_text) == (12, PREPARE_THRESHOLD)
+    at_rest(db)
+
+
 @pytest.mark.parametrize(
     "hostile", ["'); DROP TABLE media; --", "m-one' OR '1'='1", "%(id)s", "$1", "x\\'y", "%%"]
 )
