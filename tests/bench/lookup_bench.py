@@ -164,10 +164,17 @@ class LookupDb:
         The sidecar prepares a query it keeps running: pg_stat_statements then counts each
         EXECUTE under the text of the PREPARE (not the EXECUTE, nor the PREPARE itself).
         """
+        return self.prepared_calls() + self.text_calls()
+
+    def prepared_calls(self) -> int:
+        """Of calls(): EXECUTEs of the prepared statement (parsed and planned once)."""
         assert self.pg is not None
-        return self.pg.statement_calls("/* bench:%") + self.pg.statement_calls(
-            "PREPARE % AS /* bench:%"
-        )
+        return self.pg.statement_calls("PREPARE % AS /* bench:%")
+
+    def text_calls(self) -> int:
+        """Of calls(): runs as text, each parsed and planned anew (the first ones)."""
+        assert self.pg is not None
+        return self.pg.statement_calls("/* bench:%")
 
     def version(self) -> str:
         assert self.pg is not None

@@ -556,6 +556,7 @@ class LookupRun:
     sidecar_requests: int  # /stats connections.total during the measured run
     completed: int  # of which the sidecar completed (the rest: cut when wrk stopped)
     queries: int  # pg_stat_statements calls of this route's query during the run
+    prepared: int  # of which EXECUTEs of its prepared statement (the rest: run as text)
     cache_hits: int
     cache_misses: int
     query_ms_p99: float  # /stats database.query_ms: execute + fetch, its recent window
@@ -684,11 +685,11 @@ def measure_route(
     import lookup_bench as lb
 
     prefix = lookup_prefix(sc)
-    stats0, calls0 = lb.settled_stats(t.admin), t.db.calls()
+    stats0, calls0, prepared0 = lb.settled_stats(t.admin), t.db.calls(), t.db.prepared_calls()
     pg0 = pg_cpu_seconds(t.db.pid)
     run = bench.measure("sidecar(uvloop)", t.proc, t.port, sc, warmup=False, seconds=seconds)
     pg1 = pg_cpu_seconds(t.db.pid)
-    stats1, calls1 = lb.settled_stats(t.admin), t.db.calls()
+    stats1, calls1, prepared1 = lb.settled_stats(t.admin), t.db.calls(), t.db.prepared_calls()
     pg_pct = 100 * (pg1 - pg0) / run.wall_s
     run.other_cpu_percent = max(0.0, run.other_cpu_percent - pg_pct)
     conns0, conns1 = stats0["connections"], stats1["connections"]
@@ -707,6 +708,7 @@ def measure_route(
         sidecar_requests=conns1["total"] - conns0["total"],
         completed=conns1["completed"] - conns0["completed"],
         queries=calls1 - calls0,
+        prepared=prepared1 - prepared0,
         cache_hits=c1.get("hits", 0) - c0.get("hits", 0),
         cache_misses=c1.get("misses", 0) - c0.get("misses", 0),
         query_ms_p99=float(stats1["database"]["query_ms"]["p99"]),
@@ -737,6 +739,7 @@ def pool_lookup_runs(rounds: list[LookupRun]) -> LookupRun:
         sidecar_requests=sum(r.sidecar_requests for r in rounds),
         completed=sum(r.completed for r in rounds),
         queries=sum(r.queries for r in rounds),
+        prepared=sum(r.prepared for r in rounds),
         cache_hits=sum(r.cache_hits for r in rounds),
         cache_misses=sum(r.cache_misses for r in rounds),
         query_ms_p99=median("query_ms_p99"),
@@ -780,6 +783,7 @@ def lookup_detail(r: LookupRun) -> list[str]:
         f"{r.sidecar_requests:,}",
         f"{r.completed:,}",
         f"{r.queries:,}",
+        f"{r.prepared:,}",
         q,
         f"{r.cache_hits:,}/{r.cache_misses:,}",
         f"{r.query_ms_p99:.2f}" if r.route == "uncached" else "-",
@@ -794,7 +798,8 @@ LOOKUP_HEAD = (
     "|server first-byte p99 ms|sidecar CPU %"
     "|sidecar CPU µs/request|postgres CPU %|postgres CPU µs/request|wrk CPU %|other CPU %"
     "|wrk requests|sidecar requests|completed"
-    "|queries|queries/completed|cache hits/misses|query p99 ms|pool wait p99 ms|errors"
+    "|queries|of which prepared|queries/completed|cache hits/misses"
+    "|query p99 ms|pool wait p99 ms|errors"
 )
 
 
@@ -852,7 +857,8 @@ def lookup_verdicts(runs: list[LookupRun]) -> list[tuple[str, bool]]:
             (
                 f"{name}: uncached queries = {u.queries:,} (pg_stat_statements) for"
                 f" {u.sidecar_requests:,} requests admitted, {u.completed:,} completed"
-                f" (wrk counted {u.run.requests:,}); target: one query per request",
+                f" (wrk counted {u.run.requests:,}), {u.prepared:,} of them as the prepared"
+                " statement; target: one query per request",
                 ok,
             )
         )
