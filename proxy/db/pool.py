@@ -128,11 +128,10 @@ class Pool:
     async def acquire(self, since: float) -> tuple[Session, bool]:
         """A connection within the request's acquire budget (counted from `since`)."""
         started = time.monotonic()
-        budget = self._cfg.acquire_timeout - (started - since)
+        budget = max(0.0, self._cfg.acquire_timeout - (started - since))
         self._waiting += 1
         try:
-            async with asyncio.timeout(max(0.0, budget)):
-                conn, reused = await self._take()
+            conn, reused = await self._take(budget)
         except TimeoutError:
             self.acquire_timeouts += 1
             raise DatabaseUnavailable(
@@ -201,31 +200,39 @@ class Pool:
             self._discard(conn)
         return None
 
-    async def _take(self) -> tuple[Session, bool]:
-        """A live free connection, a new one if the pool has room, or wait for either."""
+    async def _take(self, budget: float) -> tuple[Session, bool]:
+        """A live free connection, a new one if the pool has room, or wait for either;
+        TimeoutError after `budget` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         while True:
             if self._closing:
                 raise DatabaseUnavailable("database connections are closing")
             if (conn := self._pop_free()) is not None:
                 return conn, True
             if self._size < self._cfg.pool_max:
-                conn = await self._connect()
+                async with asyncio.timeout_at(deadline):
+                    conn = await self._connect()
                 if self._closing:  # close() ran while we connected
                     self._discard(conn)
                     continue
                 return conn, False
-            woken: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+            # Waiting is the common case under load: a bare timer fails the future, which
+            # costs less than asyncio.timeout's context (its task bookkeeping, a callback).
+            woken: asyncio.Future[Session | None] = loop.create_future()
             self._waiters.append(woken)
+            timer = loop.call_at(deadline, _time_out, woken)
             try:
                 handed = await woken
             except asyncio.CancelledError:
-                if woken.done() and not woken.cancelled():  # woken, then timed out
+                if woken.done() and not woken.cancelled():  # woken, then cancelled
                     if (got := woken.result()) is not None:
                         self.release(got)  # pass the connection on
                     else:
                         self._wake_one()  # pass the turn on
                 raise
             finally:
+                timer.cancel()
                 if woken in self._waiters:  # not remove()'s ValueError: it reprs the future
                     self._waiters.remove(woken)
             if handed is not None:
@@ -285,3 +292,9 @@ class Pool:
             if not (fut := self._waiters.popleft()).done():
                 fut.set_result(None)
                 return
+
+
+def _time_out(woken: asyncio.Future[Session | None]) -> None:
+    """A waiter's budget ran out; one already handed a connection or a turn keeps it."""
+    if not woken.done():
+        woken.set_exception(TimeoutError())

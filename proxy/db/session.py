@@ -7,13 +7,21 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import aiopg
 
 from proxy import turns
 
 Params = dict[str, object]
+
+# A query this short is sent whole by psycopg2's execute: the session is idle, so its
+# socket's send buffer is empty (the reply to its last query acknowledged every byte) and
+# holds far more than this. aiopg's poll right after it (a recv that finds nothing, 5 µs
+# per uncached lookup) is then skipped: aiopg's reader, registered from connect to close,
+# hears the reply.
+# Over TLS, or for longer queries, that poll flushes what is left, as aiopg does.
+SENT_WHOLE_BYTES: Final = 2048
 
 
 class Session:
@@ -33,6 +41,7 @@ class Session:
         "label",
         "loop",
         "prepared",
+        "sends_whole",
         "since",
         "waiter",
         "watch",
@@ -53,6 +62,7 @@ class Session:
         self.guard_s = guard_s
         self.watch = watch
         self.cursor: Any = aio.raw.cursor()
+        self.sends_whole = not aio.raw.info.ssl_in_use  # see SENT_WHOLE_BYTES
         self.prepared: set[str] = set()
         self.label = ""
         self.since = 0.0
@@ -76,12 +86,14 @@ class Session:
         """
         aio = self.aio
         waiter = aio._create_waiter("execute")  # raises if busy: a pooled conn never is
+        cursor = self.cursor
         try:
-            self.cursor.execute(sql, params)
+            cursor.execute(sql, params)
         except BaseException:
             aio._waiter = None
             raise
-        aio._ready(aio._weakref)  # flush the query; later results arrive via the reader
+        if not (self.sends_whole and len(cursor.query) <= SENT_WHOLE_BYTES):
+            aio._ready(aio._weakref)  # flush the rest; later results arrive via the reader
         self.waiter, self.expires = waiter, time.monotonic() + self.guard_s
         self.watch(self)
         turns.awaited += 1  # bodies go out in slices meanwhile (proxy.turns)
@@ -95,11 +107,10 @@ class Session:
         finally:
             turns.awaited -= 1
             self.waiter = aio._waiter = None
-        cur = self.cursor
-        description = cur.description
+        description = cursor.description
         if not description:
             return [], None
-        return [col.name for col in description], cur.fetchone()
+        return [col.name for col in description], cursor.fetchone()
 
 
 def forget_fd(fd: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from proxy.config import RouteConfig
 from proxy.errors import BadRequest, DatabaseUnavailable, NotFound, NotReady, StorageError
 from proxy.resolver.cache import LookupCache
-from proxy.resolver.path import confine_key
+from proxy.resolver.path import check_key
 
 REQUIRED_COLUMNS: Final = ("storage", "key")
 OPTIONAL_COLUMNS: Final = ("content_type", "visibility", "owner_id", "status", "filename")
@@ -114,17 +114,16 @@ class LookupResolver:
 
     def _row(self, found: Mapping[str, object]) -> MediaRow:
         """Validate a row: a known storage, a confined key, text columns."""
-        values = [found.get(k) for k in _COLUMNS]  # in MediaRow's order
-        for i, value in enumerate(values):
-            if value is not None and not isinstance(value, str):
-                values[i] = str(value)
+        values = [  # in MediaRow's order; other types (an integer id as key…) as text
+            v if v is None or isinstance(v, str) else str(v) for v in map(found.get, _COLUMNS)
+        ]
         storage, key = values[0], values[1]
         if storage not in self._storages:
             raise StorageError(f"lookup returned unknown storage {storage!r}")
         if not isinstance(key, str):
             raise StorageError("lookup returned no key")
         try:
-            confine_key(key.replace("%", "%25"))  # the row holds a plain key, not a URL
+            check_key(key)  # the row holds a plain key, not a URL: nothing to decode
         except (BadRequest, NotFound):
             raise StorageError("lookup returned an invalid key") from None
         return MediaRow._make(values)

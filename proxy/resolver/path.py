@@ -52,6 +52,12 @@ def confine_key(raw_key: str) -> str:
         key = unquote(raw_key, errors="strict")
     except UnicodeDecodeError:
         raise BadRequest("key is not UTF-8") from None
+    return check_key(key)
+
+
+def check_key(key: str) -> str:
+    """Refuse a decoded key that could name something outside its root (a database row's
+    key is plain text, not a URL: it is checked as it is, never decoded)."""
     if not key:
         raise NotFound("empty key")
     if len(key) > MAX_KEY_LENGTH:
