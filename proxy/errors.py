@@ -120,6 +120,12 @@ class DatabaseTimeout(DatabaseUnavailable):
     code = "database_timeout"
 
 
+class QueryRejected(ProxyError):
+    """The database refused the query itself: syntax, unknown table or column, parameters."""
+
+    code = "database_query_rejected"
+
+
 class UpstreamUnavailable(StorageError):
     """The backend of an upstream route refused or dropped the connection."""
 

@@ -13,7 +13,8 @@ becomes a server-side prepared statement on each connection (statement.py).
 
 from __future__ import annotations
 
-from proxy.db.database import Database, QueryRejected, Row
+from proxy.db.database import Database, Row
 from proxy.db.statement import PREPARE_THRESHOLD, compile_statement
+from proxy.errors import QueryRejected
 
 __all__ = ["PREPARE_THRESHOLD", "Database", "QueryRejected", "Row", "compile_statement"]

@@ -14,18 +14,12 @@ from proxy.config import DatabaseConfig
 from proxy.db.pool import CLOSE_GRACE_S, Pool
 from proxy.db.session import Params, Session, reason
 from proxy.db.statement import Statement, Statements
-from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable, ProxyError
+from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable, QueryRejected
 from proxy.registry import LatencyWindow
 
 logger = logging.getLogger("proxy.db")
 
 Row = dict[str, object]
-
-
-class QueryRejected(ProxyError):
-    """The database refused the query itself: syntax, unknown table or column, parameters."""
-
-    code = "database_query_rejected"
 
 
 class _StaleConnection(Exception):
