@@ -160,21 +160,23 @@ class LookupDb:
     def calls(self) -> int:
         """Executions of the lookup query so far, both routes (pg_stat_statements).
 
-        Anchored: the column check the sidecar runs at start wraps the query in a SELECT.
-        The sidecar prepares a query it keeps running: pg_stat_statements then counts each
-        EXECUTE under the text of the PREPARE (not the EXECUTE, nor the PREPARE itself).
+        The sidecar runs a route's query wrapped as one text array column (`SELECT ARRAY[`…
+        `FROM (<query>) AS q LIMIT 1`); anchored on that, as the column check it runs at
+        start wraps the query too (`SELECT * FROM (`). The sidecar prepares a query it keeps
+        running: pg_stat_statements then counts each EXECUTE under the text of the PREPARE
+        (not the EXECUTE, nor the PREPARE itself).
         """
         return self.prepared_calls() + self.text_calls()
 
     def prepared_calls(self) -> int:
         """Of calls(): EXECUTEs of the prepared statement (parsed and planned once)."""
         assert self.pg is not None
-        return self.pg.statement_calls("PREPARE % AS /* bench:%")
+        return self.pg.statement_calls("PREPARE % AS SELECT ARRAY[%/* bench:%")
 
     def text_calls(self) -> int:
         """Of calls(): runs as text, each parsed and planned anew (the first ones)."""
         assert self.pg is not None
-        return self.pg.statement_calls("/* bench:%")
+        return self.pg.statement_calls("SELECT ARRAY[%/* bench:%")
 
     def version(self) -> str:
         assert self.pg is not None
