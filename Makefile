@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= config/sidecar.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test test-unit test-integration lint fmt check bench bench-slow lock clean
+.PHONY: venv run test test-unit test-integration lint fmt check bench bench-slow bench-instructions lock clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ check: lint test
 bench: venv
 	tests/bench/ensure_tools.sh
 	$(PY) tests/bench/run_bench.py $(BENCH_ARGS)
+
+# Instructions per request of the lookup routes (callgrind): A/B of a code change on a
+# noisy machine. REPO=<another checkout> measures that build instead.
+bench-instructions: venv
+	tests/bench/ensure_tools.sh postgres curl jemalloc valgrind
+	$(PY) tests/bench/instructions.py $(if $(REPO),--repo $(REPO)) $(BENCH_ARGS)
 
 # Slow clients: RSS per stalled stream (disk, S3, nginx) and one fast client's S3 speed.
 bench-slow: venv

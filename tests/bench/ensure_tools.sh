@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Install the reference server (nginx-light), the load generators (wrk; curl, whose
 # --parallel transfers time each response's first byte for the lookup scenarios), PostgreSQL
-# and jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) from
+# jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) and valgrind
+# (`make bench-instructions`) from
 # Debian when missing; a no-op when they are there. Arguments narrow the list:
 # `ensure_tools.sh nginx postgres jemalloc` is what the test suite needs, `make bench` the
 # default list.
 set -euo pipefail
 declare -A package=(
   [nginx]=nginx-light [wrk]=wrk [curl]=curl [postgres]=postgresql [jemalloc]=libjemalloc2
+  [valgrind]=valgrind
 )
 tools=("$@")
 [ ${#tools[@]} -gt 0 ] || tools=(nginx wrk curl jemalloc)
