@@ -19,8 +19,8 @@ Params = dict[str, object]
 # socket's send buffer is empty (the reply to its last query acknowledged every byte) and
 # holds far more than this. aiopg's poll right after it (a recv that finds nothing, 5 µs
 # per uncached lookup) is then skipped: aiopg's reader, registered from connect to close,
-# hears the reply.
-# Over TLS, or for longer queries, that poll flushes what is left, as aiopg does.
+# hears the reply. Over TLS, or for a longer query, that poll flushes what is left, as
+# aiopg does.
 SENT_WHOLE_BYTES: Final = 2048
 
 

@@ -80,11 +80,11 @@ def row_query(query: str, columns: list[str]) -> str:
     in MediaRow's order (NULL for a column the query does not return).
 
     psycopg2 describes every column of every result: a Column object, a type lookup, the
-    name decoded through a Python codec, about 3,500 instructions each. Seven columns of
-    a lookup cost 7 % of an uncached request; one array column costs one description and a
-    parse in C. LIMIT 1: PostgreSQL stops at the row that is read. The values come in
-    PostgreSQL's text form (`::text`), whatever their type. The names are ours (known
-    columns), never the YAML's, so quoting them is all the formatting there is.
+    name decoded through a Python codec, about 3,500 instructions each. Seven columns took
+    about 10 % of an uncached request's instructions; one array column costs one
+    description and a parse in C. LIMIT 1: PostgreSQL stops at the row that is read. The
+    values come in PostgreSQL's text form (`::text`), whatever their type. The names are
+    ours (known columns), never the YAML's, so quoting them is all the formatting there is.
     """
     body = query.rstrip().rstrip(";").rstrip()
     items = ", ".join(f'q."{name}"::text' if name in columns else "NULL::text" for name in _COLUMNS)
