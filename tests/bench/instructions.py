@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
 sys.path.insert(0, str(HERE))
 
 import lookup_bench as lb  # noqa: E402
+from run_bench import free_port  # noqa: E402
 
 FILE = "4k.bin"
 ROUTES = {
@@ -43,14 +44,6 @@ ROUTES = {
 PARALLEL = 16
 WARM_REQUESTS = 1000  # per route: every id once (a warm cache, every path's template)
 START_TIMEOUT_S = 180.0  # python under valgrind imports slowly
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def curl(port: int, route: str, count: int, work: Path) -> int:
