@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Install the reference server (nginx-light), the load generators (wrk; curl, whose
-# --parallel transfers time each response's first byte for the lookup scenarios), PostgreSQL
+# --parallel transfers time each response's first byte for the lookup scenarios), PostgreSQL,
 # jemalloc (the sidecar's default allocator where installed: proxy/allocator.py) and valgrind
-# (`make bench-instructions`) from
-# Debian when missing; a no-op when they are there. Arguments narrow the list:
+# (`make bench-instructions`) from Debian when missing; a no-op when they are there. Arguments narrow the list:
 # `ensure_tools.sh nginx postgres jemalloc` is what the test suite needs, `make bench` the
 # default list.
 set -euo pipefail

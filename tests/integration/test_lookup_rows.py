@@ -14,7 +14,7 @@ import pytest
 
 from proxy.config import DatabaseConfig, LookupConfig, RouteConfig
 from proxy.db import PREPARE_THRESHOLD, Database, QueryRejected
-from proxy.resolver.lookup import LookupResolver, MediaRow, check_columns
+from proxy.resolver.lookup import LookupResolver, MediaRow
 from tests.pg import PgServer
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,3 @@ async def test_a_dropped_column_is_checked_again(
         assert await resolver.resolve("x", None) == MediaRow("local", KEY)
     finally:
         pg_server.admin("DROP VIEW IF EXISTS odd_view")
-
-
-def test_a_column_returned_twice_is_refused() -> None:
-    assert check_columns(["storage", "key", "key"]) == ["column 'key' returned more than once"]

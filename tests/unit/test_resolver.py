@@ -6,6 +6,7 @@ import pytest
 
 from proxy.config import RouteConfig
 from proxy.errors import BadRequest, NotFound
+from proxy.resolver.lookup import check_columns
 from proxy.resolver.path import PathResolver, confine_key
 
 ROUTES = (
@@ -74,3 +75,7 @@ def test_empty_key_is_not_found() -> None:
 @pytest.mark.parametrize("raw_key", ["a..b", "..a", "a..", ".hidden", "x" * 1024])
 def test_dots_inside_names_are_ordinary(raw_key: str) -> None:
     assert confine_key(raw_key) == raw_key
+
+
+def test_a_lookup_column_returned_twice_is_refused() -> None:
+    assert check_columns(["storage", "key", "key"]) == ["column 'key' returned more than once"]
