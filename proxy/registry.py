@@ -219,6 +219,10 @@ class Registry:
             tracked.status = status
             self.responses[_STATUS_CLASS[min(max(status // 100, 2), 5)]] += 1
         del self.active[tracked.id]
+        # The request holds its Tracked (request[TRACKED]): dropping the link back leaves no
+        # cycle, so the request and all it holds (headers, URL, writer) are freed by their
+        # reference counts here, not found later by the cycle collector's pauses.
+        tracked.request = None
         self.outcomes[outcome] += 1
         self.finished_bytes += tracked.bytes_sent
         if self.max_per_client:
