@@ -26,6 +26,7 @@ from tests.pg import PgServer
 pytestmark = pytest.mark.integration
 
 DSN_ENV = "TEST_GARBAGE_DATABASE_URL"
+KEY_ENV = "TEST_GARBAGE_SIGNING_KEY"
 QUERY = """
 SELECT m.storage, m.key, m.content_type, m.visibility, m.owner_id, m.status, m.filename
   FROM media m WHERE m.id = %(id)s AND %(variant)s IS NULL
@@ -43,6 +44,7 @@ REQUESTS: list[tuple[str, str, dict[str, str], int, bytes | None]] = [
     ("HEAD", "/media/hello.txt", {}, 200, b""),
     ("GET", "/media/hello.txt", {"Range": "bytes=99999-"}, 416, None),
     ("GET", "/media/missing.bin", {}, 404, None),
+    ("GET", "/media/%2e%2e/secret", {}, 400, None),  # refused before any storage
     ("GET", "/media/big.bin", {"Range": "bytes=0-99999"}, 206, FILES["big.bin"][:100_000]),
     ("GET", "/s3/hello.txt", {"Range": "bytes=0-9"}, 206, HELLO[:10]),  # S3
     ("GET", "/api/media/m-hello", {}, 200, HELLO),  # a cached lookup
@@ -50,6 +52,7 @@ REQUESTS: list[tuple[str, str, dict[str, str], int, bytes | None]] = [
     ("GET", "/nocache/m-hello", {}, 200, HELLO),  # uncached: a query, then the template
     ("GET", "/nocache/m-hello/nested", {}, 200, FILES["sub/dir/nested.bin"]),  # a variant
     ("GET", "/nocache/m-pending", {}, 404, None),  # not ready
+    ("GET", "/signed/m-pic?expires=4102444800&sig=forged", {}, 403, None),  # a private row
 ]
 
 
@@ -79,10 +82,16 @@ async def test_finished_requests_are_freed_without_the_cycle_collector(
     sidecar_config: dict[str, Any], pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(DSN_ENV, pg_server.dsn)
+    monkeypatch.setenv(KEY_ENV, "garbage-test-key-0123456789abcdef")
     sidecar_config["database"] = {"dsn_env": DSN_ENV, "pool_max": 2}
     sidecar_config["routes"] = [
         {"prefix": "/api/media/", "lookup": {"query": f"/* garbage cached */ {QUERY}"}},
         {"prefix": "/nocache/", "lookup": {"query": f"/* garbage */ {QUERY}", "cache_ttl": 0}},
+        {
+            "prefix": "/signed/",
+            "lookup": {"query": f"/* garbage signed */ {QUERY}"},
+            "access": {"mode": "signed", "keys_env": [KEY_ENV]},
+        },
         *sidecar_config["routes"],
     ]
     sidecar = await start_sidecar_in_process(sidecar_config)
