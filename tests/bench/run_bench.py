@@ -177,6 +177,16 @@ def busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / TICKS
 
 
+def cpus_busy_seconds() -> list[float]:
+    """Busy CPU-seconds of each CPU (/proc/stat `cpuN` lines, as busy_seconds)."""
+    busy = []
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("cpu") and line[3].isdigit():
+            ticks = [int(x) for x in line.split()[1:9]]
+            busy.append((sum(ticks) - ticks[3] - ticks[4]) / TICKS)
+    return busy
+
+
 def children_seconds() -> float:
     """CPU-seconds of this script's finished children (wrk runs)."""
     use = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -224,10 +234,24 @@ class FirstBytes:
     p99_ms: float
     problems: str  # empty when every transfer got 200 and the whole body
     samples_ms: list[float]
+    # What the transfers cost the machine: curl's CPU, PostgreSQL's (lookup scenarios), and
+    # each CPU's busy seconds. With every CPU near 100 %, the client's side bounds req/s too.
+    client_cpu_s: float = 0.0
+    pg_cpu_s: float = 0.0
+    cpus_busy_s: list[float] = field(default_factory=list)
 
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.seconds if self.seconds else float("nan")
+
+    def per_request_us(self, cpu_s: float) -> float:
+        return 1e6 * cpu_s / self.requests if self.requests else float("nan")
+
+    def cpus_busy_percent(self) -> str:
+        """`CPU 0 97 %, CPU 1 99 %`: how busy each CPU was while curl ran."""
+        return ", ".join(
+            f"CPU {n} {100 * busy / self.seconds:.0f} %" for n, busy in enumerate(self.cpus_busy_s)
+        )
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -273,13 +297,17 @@ def parse_curl(out: str, err: str, count: int, body_bytes: int, seconds: float) 
 
 
 def pool_first_bytes(parts: list[FirstBytes]) -> FirstBytes:
-    return first_bytes_of(
+    pooled = first_bytes_of(
         [ms for p in parts for ms in p.samples_ms],
         sum(p.requests for p in parts),
         sum(p.seconds for p in parts),
         sum(p.new_connections for p in parts),
         "; ".join(p.problems for p in parts if p.problems),
     )
+    pooled.client_cpu_s = sum(p.client_cpu_s for p in parts)
+    pooled.pg_cpu_s = sum(p.pg_cpu_s for p in parts)
+    pooled.cpus_busy_s = [sum(cpu) for cpu in zip(*(p.cpus_busy_s for p in parts), strict=True)]
+    return pooled
 
 
 def pool_runs(runs: list[Run]) -> Run:
@@ -465,16 +493,19 @@ logging: {{level: warning, access_log: false}}
         argv = ["curl", "--silent", "--show-error", "--no-progress-meter", "--parallel"]
         argv += ["--parallel-max", str(conns)]
         argv += ["--config", str(config), "--write-out", CURL_WRITE_OUT]
-        started = time.monotonic()
+        client0, cpus0, started = children_seconds(), cpus_busy_seconds(), time.monotonic()
         try:
             done = subprocess.run(
                 self.pinned(1, argv), capture_output=True, text=True, timeout=count / 100 + 60
             )
         except subprocess.TimeoutExpired:
             raise BenchError(f"curl did not finish {count} requests in time") from None
-        return parse_curl(
-            done.stdout, done.stderr, count, sc.body_bytes, time.monotonic() - started
-        )
+        seconds = time.monotonic() - started
+        cpus1, client1 = cpus_busy_seconds(), children_seconds()
+        part = parse_curl(done.stdout, done.stderr, count, sc.body_bytes, seconds)
+        part.client_cpu_s = client1 - client0
+        part.cpus_busy_s = [b - a for a, b in zip(cpus0, cpus1, strict=True)]
+        return part
 
     def measure(
         self,
@@ -665,11 +696,13 @@ def measure_lookup(bench: Bench, t: LookupTarget, key: str) -> list[LookupRun]:
         for route in turn(round_no):  # about half as long as a wrk round, at wrk's rate
             count = round(pooled[route].run.requests_per_s * seconds / 2)
             count = min(max(count, FIRST_BYTE_MIN_REQUESTS), FIRST_BYTE_MAX_REQUESTS)
+            pg0 = pg_cpu_seconds(t.db.pid)
             part = bench.first_bytes(t.port, routes[route], count)
+            part.pg_cpu_s = pg_cpu_seconds(t.db.pid) - pg0
             print(
                 f"round {round_no + 1}: {routes[route].name} first bytes (curl): {part.requests:,}"
                 f" requests, {part.requests_per_s:,.0f}/s, p50 {part.p50_ms:.2f} ms,"
-                f" p99 {part.p99_ms:.2f} ms {part.problems}",
+                f" p99 {part.p99_ms:.2f} ms, {part.cpus_busy_percent()} {part.problems}",
                 flush=True,
             )
             parts[route].append(part)
@@ -772,6 +805,9 @@ def lookup_detail(r: LookupRun) -> list[str]:
         f"{fb.p50_ms:.2f}" if fb else "-",
         f"{fb.p99_ms:.2f}" if fb else "-",
         f"{fb.requests:,} at {fb.requests_per_s:,.0f}/s" if fb else "-",
+        f"{fb.per_request_us(fb.client_cpu_s):.0f}" if fb else "-",
+        f"{fb.per_request_us(fb.pg_cpu_s):.0f}" if fb else "-",
+        fb.cpus_busy_percent() if fb else "-",
         f"{r.first_byte_p99_ms:.2f}",
         f"{r.run.cpu_percent:.0f}",
         f"{per_request(r.run.cpu_s, r):.0f}",
@@ -795,6 +831,7 @@ def lookup_detail(r: LookupRun) -> list[str]:
 LOOKUP_HEAD = (
     "scenario|route|path|req/s|req/s per round|p50 ms|p90 ms|p99 ms"
     "|first byte p50 ms (curl)|first byte p99 ms (curl)|curl requests"
+    "|curl CPU µs/request|postgres CPU µs/request (curl)|CPUs busy (curl)"
     "|server first-byte p99 ms|sidecar CPU %"
     "|sidecar CPU µs/request|postgres CPU %|postgres CPU µs/request|wrk CPU %|other CPU %"
     "|wrk requests|sidecar requests|completed"
@@ -844,7 +881,12 @@ def lookup_verdicts(runs: list[LookupRun]) -> list[tuple[str, bool]]:
                     f" {fb_p.requests_per_s:,.0f}/s; target <= {UNCACHED_MAX_P99_DELTA_MS:g}"
                     f" ms). Whole responses (wrk, median round): {whole:+.2f} ms"
                     f" ({uncached.run.p99_ms:.2f} vs {plain.run.p99_ms:.2f});"
-                    f" uncached/plain req/s = {u_ratio:.2f}x",
+                    f" uncached/plain req/s = {u_ratio:.2f}x. While curl timed them:"
+                    f" uncached {fb_u.cpus_busy_percent()}, curl"
+                    f" {fb_u.per_request_us(fb_u.client_cpu_s):.0f} µs and PostgreSQL"
+                    f" {fb_u.per_request_us(fb_u.pg_cpu_s):.0f} µs of CPU per request;"
+                    f" plain {fb_p.cpus_busy_percent()}, curl"
+                    f" {fb_p.per_request_us(fb_p.client_cpu_s):.0f} µs per request",
                     fb_valid and delta <= UNCACHED_MAX_P99_DELTA_MS,
                 )
             )
@@ -896,7 +938,33 @@ def lookup_report(runs: list[LookupRun], facts: dict[str, str]) -> list[str]:
         lines += ["", f"**NOISY:** other processes used up to {worst:.0f} % CPU during"]
         lines[-1] += f" {len(noisy)} lookup route(s): the verdicts compare runs made at"
         lines[-1] += " different moments, rerun on a quiet machine before trusting them."
+    if facts.get("postgres pinning") == "CPU 1":  # with curl: see client_bound
+        lines += ["", "Client side:", *(f"- {text}" for text in client_bound(runs))]
     return lines
+
+
+def client_bound(runs: list[LookupRun]) -> list[str]:
+    """What CPU 1 (curl, and PostgreSQL pinned beside it) allowed the first-byte passes.
+
+    curl's CPU per request is of the order of the sidecar's, and an uncached request adds
+    PostgreSQL's: CPU 1 alone then caps the uncached route near half the plain route's
+    rate, and with 16 clients in a closed loop the wait is 16 / (req/s), sidecar or not.
+    """
+    out = []
+    by = {(r.scenario, r.route): r.client_first_byte for r in runs}
+    for name in dict.fromkeys(r.scenario for r in runs):
+        plain, uncached = by.get((name, "plain")), by.get((name, "uncached"))
+        if not (plain and uncached and plain.requests and uncached.requests):
+            continue
+        p_us = plain.per_request_us(plain.client_cpu_s)
+        u_us = uncached.per_request_us(uncached.client_cpu_s + uncached.pg_cpu_s)
+        out.append(
+            f"{name}: CPU 1 spent {u_us:.0f} µs per uncached request (curl and PostgreSQL)"
+            f" and {p_us:.0f} µs per plain one (curl): by itself it allows at most"
+            f" {1e6 / u_us:,.0f} and {1e6 / p_us:,.0f} requests/s; curl measured"
+            f" {uncached.requests_per_s:,.0f} and {plain.requests_per_s:,.0f}/s"
+        )
+    return out
 
 
 def md(head: list[str], rows: list[list[str]]) -> list[str]:
