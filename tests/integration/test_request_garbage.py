@@ -10,8 +10,11 @@ of 20 ms, in the p99 of every route and 10-15 % of the sidecar's CPU.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +22,16 @@ from aiohttp import web
 
 from proxy.db import PREPARE_THRESHOLD
 from proxy.registry import Tracked
-from tests.conftest import FILES, start_sidecar_in_process
+from tests import upstream_backend
+from tests.conftest import (
+    FILES,
+    REPO,
+    free_port,
+    port_accepts,
+    start_sidecar_in_process,
+    stop_process,
+    wait_until,
+)
 from tests.integration import rawhttp
 from tests.pg import PgServer
 
@@ -53,6 +65,8 @@ REQUESTS: list[tuple[str, str, dict[str, str], int, bytes | None]] = [
     ("GET", "/nocache/m-hello/nested", {}, 200, FILES["sub/dir/nested.bin"]),  # a variant
     ("GET", "/nocache/m-pending", {}, 404, None),  # not ready
     ("GET", "/signed/m-pic?expires=4102444800&sig=forged", {}, 403, None),  # a private row
+    ("GET", "/app/hello", {}, 200, upstream_backend.HELLO),  # forwarded to the backend
+    ("GET", "/app/accel/hello.txt", {}, 200, HELLO),  # its X-Accel-Redirect, from disk
 ]
 
 
@@ -70,6 +84,21 @@ def garbage_kept() -> Iterator[list[Any]]:
         gc.enable()
 
 
+@contextmanager
+def backend_process(workdir: Path) -> Iterator[str]:
+    """tests/upstream_backend.py in its own process (its requests are not ours); its URL."""
+    port, log = free_port(), workdir / "backend.log"
+    with log.open("ab") as out:
+        argv = [sys.executable, "-m", "tests.upstream_backend", "--port", str(port)]
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is not None or port_accepts(port), 30, "backend", log)
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
 async def serve_all(port: int) -> None:
     for method, target, headers, status, body in REQUESTS:
         resp = await rawhttp.request(port, target, method, headers)
@@ -78,23 +107,9 @@ async def serve_all(port: int) -> None:
             assert resp.body == body, target
 
 
-async def test_finished_requests_are_freed_without_the_cycle_collector(
-    sidecar_config: dict[str, Any], pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(DSN_ENV, pg_server.dsn)
-    monkeypatch.setenv(KEY_ENV, "garbage-test-key-0123456789abcdef")
-    sidecar_config["database"] = {"dsn_env": DSN_ENV, "pool_max": 2}
-    sidecar_config["routes"] = [
-        {"prefix": "/api/media/", "lookup": {"query": f"/* garbage cached */ {QUERY}"}},
-        {"prefix": "/nocache/", "lookup": {"query": f"/* garbage */ {QUERY}", "cache_ttl": 0}},
-        {
-            "prefix": "/signed/",
-            "lookup": {"query": f"/* garbage signed */ {QUERY}"},
-            "access": {"mode": "signed", "keys_env": [KEY_ENV]},
-        },
-        *sidecar_config["routes"],
-    ]
-    sidecar = await start_sidecar_in_process(sidecar_config)
+async def check_nothing_left_to_the_collector(config: dict[str, Any]) -> None:
+    """Serve REQUESTS with the collector off; fail if a request (or its Tracked) was left to it."""
+    sidecar = await start_sidecar_in_process(config)
     try:
         # What lives on is made first: templates, pooled connections, prepared statements.
         for _ in range(PREPARE_THRESHOLD + 1):
@@ -108,3 +123,29 @@ async def test_finished_requests_are_freed_without_the_cycle_collector(
         assert sidecar.registry.active == {}
     finally:
         await sidecar.stop()
+
+
+async def test_finished_requests_are_freed_without_the_cycle_collector(
+    sidecar_config: dict[str, Any],
+    pg_server: PgServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv(DSN_ENV, pg_server.dsn)
+    monkeypatch.setenv(KEY_ENV, "garbage-test-key-0123456789abcdef")
+    sidecar_config["database"] = {"dsn_env": DSN_ENV, "pool_max": 2}
+    sidecar_config["routes"] = [
+        {"prefix": "/api/media/", "lookup": {"query": f"/* garbage cached */ {QUERY}"}},
+        {"prefix": "/nocache/", "lookup": {"query": f"/* garbage */ {QUERY}", "cache_ttl": 0}},
+        {
+            "prefix": "/signed/",
+            "lookup": {"query": f"/* garbage signed */ {QUERY}"},
+            "access": {"mode": "signed", "keys_env": [KEY_ENV]},
+        },
+        {"prefix": "/app/", "upstream": "app"},
+        {"prefix": "/protected/", "storage": "local", "internal": True},
+        *sidecar_config["routes"],
+    ]
+    with backend_process(tmp_path) as backend_url:
+        sidecar_config["upstreams"] = {"app": {"url": backend_url}}
+        await check_nothing_left_to_the_collector(sidecar_config)
