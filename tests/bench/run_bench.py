@@ -958,6 +958,8 @@ def client_bound(runs: list[LookupRun]) -> list[str]:
             continue
         p_us = plain.per_request_us(plain.client_cpu_s)
         u_us = uncached.per_request_us(uncached.client_cpu_s + uncached.pg_cpu_s)
+        if not (p_us > 0 and u_us > 0):  # nothing measured (no rusage): no bound to give
+            continue
         out.append(
             f"{name}: CPU 1 spent {u_us:.0f} µs per uncached request (curl and PostgreSQL)"
             f" and {p_us:.0f} µs per plain one (curl): by itself it allows at most"
