@@ -61,6 +61,17 @@ MEDIA_ROWS: Final = (
     ("m-pic", "uploads", "pic.png", "image/png", "private", "u-1", "ready", "holiday.png"),
     ("m-pending", "local", "one.bin", None, "public", None, "processing", None),
 )
+# The lookup query of the tests' routes (and the bench's): the media row, or one of its
+# variants, by %(id)s and %(variant)s.
+LOOKUP_QUERY: Final = """
+SELECT m.storage, m.key, m.content_type, m.visibility, m.owner_id, m.status, m.filename
+  FROM media m WHERE m.id = %(id)s AND %(variant)s IS NULL
+UNION ALL
+SELECT v.storage, v.key, coalesce(v.content_type, m.content_type), m.visibility, m.owner_id,
+       m.status, NULL
+  FROM variants v JOIN media m ON m.id = v.media_id
+ WHERE v.media_id = %(id)s AND v.variant = %(variant)s
+"""
 # (media_id, variant, storage, key, content_type)
 VARIANT_ROWS: Final = (
     ("m-pic", "thumb", "local", "pic.png", "image/png"),

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:  # run as `python tests/bench/run_bench.py`
 import psycopg2  # noqa: E402
 import pytest  # noqa: E402  (tests/pg.py reports failures with pytest.fail)
 
-from tests.pg import PgServer, find_bindir  # noqa: E402
+from tests.pg import LOOKUP_QUERY, PgServer, find_bindir  # noqa: E402
 
 DSN_ENV: Final = "BENCH_DATABASE_URL"
 STORAGE: Final = "bench"
@@ -34,18 +34,6 @@ CACHED: Final = "/api/media/"
 UNCACHED: Final = "/nocache/media/"
 IDS_PER_FILE: Final = 1000
 FILLER_ROWS: Final = 100_000
-# What a user's lookup route runs (the test suite's query): the media row, or one of its
-# variants. The comment names the route, but pg_stat_statements ignores comments: both routes'
-# queries are one entry (its text is the first one seen), so calls are counted as the change
-# over a run in which only one route is requested.
-QUERY: Final = """/* bench:{route} */
-SELECT m.storage, m.key, m.content_type, m.visibility, m.owner_id, m.status, m.filename
-  FROM media m WHERE m.id = %(id)s AND %(variant)s IS NULL
-UNION ALL
-SELECT v.storage, v.key, coalesce(v.content_type, m.content_type), m.visibility, m.owner_id,
-       m.status, NULL
-  FROM variants v JOIN media m ON m.id = v.media_id
- WHERE v.media_id = %(id)s AND v.variant = %(variant)s"""
 
 
 class LookupSetupError(Exception):
@@ -81,7 +69,13 @@ def marker(prefix: str) -> str:
 
 
 def query_for(prefix: str) -> str:
-    return QUERY.format(route=marker(prefix))
+    """What a user's lookup route runs (the test suite's query), its route in a comment.
+
+    pg_stat_statements ignores comments: both routes' queries are one entry (its text is the
+    first one seen), so calls are counted as the change over a run in which only one route
+    is requested.
+    """
+    return f"/* bench:{marker(prefix)} */{LOOKUP_QUERY.rstrip()}"
 
 
 def sidecar_config(port: int, admin_port: int, media: Path) -> str:

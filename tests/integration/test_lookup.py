@@ -24,21 +24,12 @@ from proxy.signing import signed_url
 from tests.conftest import FILES, REPO, S3Server, SidecarProcess, make_config
 from tests.integration.httpclient import Reply, request
 from tests.integration.sidecars import error_lines, running_sidecar, stats, wait_for_stats
-from tests.pg import PgServer
+from tests.pg import LOOKUP_QUERY, PgServer
 
 KEY_NEW = "lookup-test-key-new-0123456789abcdef"
 KEY_OLD = "lookup-test-key-old-0123456789abcdef"
 DSN_ENV = "TEST_DATABASE_URL"
-# One query for every lookup route: the media row, or one of its variants.
-QUERY = """
-SELECT m.storage, m.key, m.content_type, m.visibility, m.owner_id, m.status, m.filename
-  FROM media m WHERE m.id = %(id)s AND %(variant)s IS NULL
-UNION ALL
-SELECT v.storage, v.key, coalesce(v.content_type, m.content_type), m.visibility, m.owner_id,
-       m.status, NULL
-  FROM variants v JOIN media m ON m.id = v.media_id
- WHERE v.media_id = %(id)s AND v.variant = %(variant)s
-"""
+QUERY = LOOKUP_QUERY  # one query for every lookup route
 
 
 # Takes 0.4 s for the id "slow" and 2 s for "too-slow" (past statement_timeout); any id

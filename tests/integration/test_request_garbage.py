@@ -33,21 +33,12 @@ from tests.conftest import (
     wait_until,
 )
 from tests.integration import rawhttp
-from tests.pg import PgServer
+from tests.pg import LOOKUP_QUERY, PgServer
 
 pytestmark = pytest.mark.integration
 
 DSN_ENV = "TEST_GARBAGE_DATABASE_URL"
 KEY_ENV = "TEST_GARBAGE_SIGNING_KEY"
-QUERY = """
-SELECT m.storage, m.key, m.content_type, m.visibility, m.owner_id, m.status, m.filename
-  FROM media m WHERE m.id = %(id)s AND %(variant)s IS NULL
-UNION ALL
-SELECT v.storage, v.key, coalesce(v.content_type, m.content_type), m.visibility, m.owner_id,
-       m.status, NULL
-  FROM variants v JOIN media m ON m.id = v.media_id
- WHERE v.media_id = %(id)s AND v.variant = %(variant)s
-"""
 HELLO = FILES["hello.txt"]
 # (method, target, headers, status, body): every kind of answer the media handler gives.
 REQUESTS: list[tuple[str, str, dict[str, str], int, bytes | None]] = [
@@ -135,11 +126,14 @@ async def test_finished_requests_are_freed_without_the_cycle_collector(
     monkeypatch.setenv(KEY_ENV, "garbage-test-key-0123456789abcdef")
     sidecar_config["database"] = {"dsn_env": DSN_ENV, "pool_max": 2}
     sidecar_config["routes"] = [
-        {"prefix": "/api/media/", "lookup": {"query": f"/* garbage cached */ {QUERY}"}},
-        {"prefix": "/nocache/", "lookup": {"query": f"/* garbage */ {QUERY}", "cache_ttl": 0}},
+        {"prefix": "/api/media/", "lookup": {"query": f"/* garbage cached */ {LOOKUP_QUERY}"}},
+        {
+            "prefix": "/nocache/",
+            "lookup": {"query": f"/* garbage */ {LOOKUP_QUERY}", "cache_ttl": 0},
+        },
         {
             "prefix": "/signed/",
-            "lookup": {"query": f"/* garbage signed */ {QUERY}"},
+            "lookup": {"query": f"/* garbage signed */ {LOOKUP_QUERY}"},
             "access": {"mode": "signed", "keys_env": [KEY_ENV]},
         },
         {"prefix": "/app/", "upstream": "app"},
