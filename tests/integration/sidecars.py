@@ -1,11 +1,15 @@
-"""Start a real sidecar process on a config of the test's own, and read its admin API."""
+"""Start a real sidecar process on a config of the test's own, and read its admin API; start
+the example backend of upstream routes (tests/upstream_backend.py) as a process."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +20,11 @@ import yaml
 from tests.conftest import (
     ACCESS_KEY,
     ACCESS_KEY_ENV,
+    REPO,
     SECRET_KEY,
     SECRET_KEY_ENV,
     SidecarProcess,
+    free_port,
     log_tail,
     port_accepts,
     start_sidecar,
@@ -42,6 +48,40 @@ def running_sidecar(
             if proc.poll() is not None:
                 pytest.fail("sidecar exited at start:\n" + log_tail(log))
         yield SidecarProcess(proc=proc, port=port, admin_port=admin_port, log=log)
+    finally:
+        stop_process(proc)
+
+
+@dataclass
+class Backend:
+    """The example backend process: its port and log."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def running_backend(workdir: Path, port: int | None = None) -> Iterator[Backend]:
+    """`python -m tests.upstream_backend` on `port` (default: a free one); stopped by PID."""
+    port = port or free_port()
+    log = workdir / f"backend-{port}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.upstream_backend", "--port", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: proc.poll() is not None or port_accepts(port), 30, "backend", log)
+        if proc.poll() is not None:
+            pytest.fail("backend exited at start:\n" + log_tail(log))
+        yield Backend(proc=proc, port=port, log=log)
     finally:
         stop_process(proc)
 

@@ -10,8 +10,6 @@ of 20 ms, in the p99 of every route and 10-15 % of the sidecar's CPU.
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,16 +21,9 @@ from aiohttp import web
 from proxy.db import PREPARE_THRESHOLD
 from proxy.registry import Tracked
 from tests import upstream_backend
-from tests.conftest import (
-    FILES,
-    REPO,
-    free_port,
-    port_accepts,
-    start_sidecar_in_process,
-    stop_process,
-    wait_until,
-)
+from tests.conftest import FILES, start_sidecar_in_process
 from tests.integration import rawhttp
+from tests.integration.sidecars import running_backend
 from tests.pg import LOOKUP_QUERY, PgServer
 
 pytestmark = pytest.mark.integration
@@ -73,21 +64,6 @@ def garbage_kept() -> Iterator[list[Any]]:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-
-
-@contextmanager
-def backend_process(workdir: Path) -> Iterator[str]:
-    """tests/upstream_backend.py in its own process (its requests are not ours); its URL."""
-    port, log = free_port(), workdir / "backend.log"
-    with log.open("ab") as out:
-        argv = [sys.executable, "-m", "tests.upstream_backend", "--port", str(port)]
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: proc.poll() is not None or port_accepts(port), 30, "backend", log)
-        assert proc.poll() is None, log.read_text()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
 
 
 async def serve_all(port: int) -> None:
@@ -140,6 +116,6 @@ async def test_finished_requests_are_freed_without_the_cycle_collector(
         {"prefix": "/protected/", "storage": "local", "internal": True},
         *sidecar_config["routes"],
     ]
-    with backend_process(tmp_path) as backend_url:
-        sidecar_config["upstreams"] = {"app": {"url": backend_url}}
+    with running_backend(tmp_path) as backend:  # its own process: its requests are not ours
+        sidecar_config["upstreams"] = {"app": {"url": backend.url}}
         await check_nothing_left_to_the_collector(sidecar_config)

@@ -15,13 +15,10 @@ import contextlib
 import hashlib
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +27,11 @@ import pytest
 
 from tests.conftest import (
     FILES,
-    REPO,
     SECRET_BYTES,
     S3Server,
     SidecarProcess,
     free_port,
-    log_tail,
     make_config,
-    port_accepts,
     stop_process,
     wait_until,
 )
@@ -45,9 +39,11 @@ from tests.faults.clients import fetch, never_read, wait_peer_gone
 from tests.integration.httpclient import request
 from tests.integration.rawhttp import RawResponse, parse_byteranges, parse_response
 from tests.integration.sidecars import (
+    Backend,
     error_lines,
     open_stream,
     quiet,
+    running_backend,
     running_sidecar,
     wait_for_stats,
 )
@@ -86,40 +82,6 @@ HOP_BY_HOP = (
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Backend:
-    """The example backend process: its port and log."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@contextlib.contextmanager
-def running_backend(workdir: Path, port: int | None = None) -> Iterator[Backend]:
-    """`python -m tests.upstream_backend` on `port` (default: a free one); stopped by PID."""
-    port = port or free_port()
-    log = workdir / f"backend-{port}.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.upstream_backend", "--port", str(port)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until(lambda: proc.poll() is not None or port_accepts(port), 30, "backend", log)
-        if proc.poll() is not None:
-            pytest.fail("backend exited at start:\n" + log_tail(log))
-        yield Backend(proc=proc, port=port, log=log)
-    finally:
-        stop_process(proc)
 
 
 def upstream_config(
