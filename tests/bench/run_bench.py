@@ -171,20 +171,21 @@ def pg_cpu_seconds(postmaster: int) -> float:
     return cpu_seconds(postmaster) + reaped
 
 
-def busy_seconds() -> float:
-    """CPU-seconds the whole machine spent busy: /proc/stat user..steal minus idle, iowait."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+def _busy(stat_line: str) -> float:
+    """CPU-seconds busy of one /proc/stat `cpu` line: user..steal minus idle, iowait."""
+    ticks = [int(x) for x in stat_line.split()[1:9]]
     return (sum(ticks) - ticks[3] - ticks[4]) / TICKS
 
 
+def busy_seconds() -> float:
+    """CPU-seconds the whole machine spent busy (the first /proc/stat line, all CPUs)."""
+    return _busy(Path("/proc/stat").read_text().split("\n", 1)[0])
+
+
 def cpus_busy_seconds() -> list[float]:
-    """Busy CPU-seconds of each CPU (/proc/stat `cpuN` lines, as busy_seconds)."""
-    busy = []
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("cpu") and line[3].isdigit():
-            ticks = [int(x) for x in line.split()[1:9]]
-            busy.append((sum(ticks) - ticks[3] - ticks[4]) / TICKS)
-    return busy
+    """Busy CPU-seconds of each CPU (the /proc/stat `cpuN` lines)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    return [_busy(line) for line in lines if line.startswith("cpu") and line[3].isdigit()]
 
 
 def children_seconds() -> float:
