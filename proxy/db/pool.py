@@ -14,13 +14,12 @@ import time
 from collections import deque
 from typing import Final
 
-import aiopg
 import psycopg2
 import psycopg2.extensions
 
 from proxy.config import DatabaseConfig
 from proxy.db.dsn import host_to_resolve, resolve_dsn, statement_dsn
-from proxy.db.session import Session, forget_fd, reason
+from proxy.db.session import Connection, Session, reason
 from proxy.errors import DatabaseUnavailable
 from proxy.registry import LatencyWindow
 
@@ -45,8 +44,7 @@ class Pool:
         self._query_guard_s = cfg.statement_timeout + CLIENT_GRACE_S
         self._free: deque[Session] = deque()
         self._leased: set[Session] = set()
-        # One connect at a time: no other connection of ours can take a socket number
-        # between libpq closing it and forget_fd cleaning up after it.
+        # One connect at a time: fewer refused connects at once when the server is down.
         self._connect_lock = asyncio.Lock()
         # Each gets a released connection handed over (FIFO: a newcomer cannot take it
         # first, so nobody waits twice), or None: a slot is free, try to connect.
@@ -245,16 +243,14 @@ class Pool:
             async with asyncio.timeout(self._cfg.connect_timeout), self._connect_lock:
                 dsn = await resolve_dsn(self._dsn, self._host)
                 # hstore off: its OID lookup would cost a round trip per connection
-                conn = aiopg.Connection(dsn, self._query_guard_s, enable_hstore=False)
-                fd = conn.raw.fileno()
+                conn = Connection(dsn, self._query_guard_s, enable_hstore=False)
                 try:
                     await conn
                 except BaseException:
-                    forget_fd(fd)
+                    _abandon(conn)
                     raise
                 return Session(
                     conn,
-                    fd,
                     asyncio.get_running_loop(),
                     guard_s=self._query_guard_s,
                     watch=self._watch_soon,
@@ -280,18 +276,23 @@ class Pool:
         self._free.append(conn)
 
     def _discard(self, conn: Session) -> None:
-        """Close a connection for good and clean up after its socket."""
-        if not conn.closed:  # aiopg's close() is not idempotent: it touches the fd again
-            conn.aio.close()
-        if conn.fd >= 0:  # once: the number may belong to someone else later
-            forget_fd(conn.fd)
-            conn.fd = -1
+        """Close a connection for good, its socket off the loop first (Connection)."""
+        conn.aio.close()  # also when psycopg2 says closed: a lost one still has its socket
 
     def _wake_one(self) -> None:
         while self._waiters:
             if not (fut := self._waiters.popleft()).done():
                 fut.set_result(None)
                 return
+
+
+def _abandon(conn: Connection) -> None:
+    """Close a connection whose connect failed, now rather than when the collector finds
+    it (aiopg would then log "Unclosed connection" and a future nobody retrieved)."""
+    waiter = conn._waiter
+    if waiter is not None and not waiter.done():
+        waiter.cancel()  # the connect's own future: nobody awaits it any more
+    conn.close()
 
 
 def _time_out(woken: asyncio.Future[Session | None]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -24,6 +25,56 @@ Params = dict[str, object]
 SENT_WHOLE_BYTES: Final = 2048
 
 
+class Connection(aiopg.Connection):
+    """aiopg's connection, taking its socket off the event loop as soon as the socket is gone.
+
+    libpq closes its socket itself, inside aiopg's callback, when a connect is refused or
+    the server goes away. The loop still watches that number: uvloop even keeps a closed
+    poll handle for it when the socket reported an error. The next socket to get the
+    number, a client's or an S3 connection's, could then never be watched ("UVPoll
+    closed=True", aiopg #856), and Linux hands out the lowest free number at once. So
+    right after each callback that left the connection dead, and before closing it, every
+    watcher on the number is removed, unless the number is someone else's already.
+    """
+
+    def __init__(self, dsn: str, timeout: float, **kwargs: Any) -> None:
+        super().__init__(dsn, timeout, **kwargs)
+        self._socket_fd: int = self._fileno  # type: ignore[assignment]
+        st = os.fstat(self._socket_fd)
+        self._socket_id = (st.st_dev, st.st_ino)
+
+    @staticmethod
+    def _ready(weak_self: weakref.ref[Any]) -> None:
+        aiopg.Connection._ready(weak_self)
+        self = weak_self()
+        # aiopg forgets the number once libpq closed it; psycopg2 marks a lost connection
+        if self is not None and (self._fileno is None or self._conn.closed):
+            self.forget_socket()
+
+    def forget_socket(self) -> None:
+        """Remove the loop's watchers of our socket's number, once (see the class)."""
+        fd, self._socket_fd = self._socket_fd, -1
+        if fd < 0:
+            return
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            pass  # closed: the number is nobody's, clear what the loop keeps for it
+        else:
+            if (st.st_dev, st.st_ino) != self._socket_id:
+                return  # reused already (a file another thread opened): not ours to touch
+        for remove in (self._loop.remove_reader, self._loop.remove_writer):
+            with contextlib.suppress(Exception):  # a closed fd may raise (selector loops)
+                remove(fd)
+        self._fileno = None  # aiopg must not touch the number again
+        self._writing = False
+
+    def _close(self) -> None:
+        """Watchers off while the socket is still ours, then psycopg2's close; idempotent."""
+        self.forget_socket()
+        super()._close()
+
+
 class Session:
     """One pooled session: aiopg's connection, its socket number, a cursor used for every
     query, the statements prepared on it, and the label of whoever holds it now.
@@ -36,7 +87,6 @@ class Session:
         "aio",
         "cursor",
         "expires",
-        "fd",
         "guard_s",
         "label",
         "loop",
@@ -49,15 +99,13 @@ class Session:
 
     def __init__(
         self,
-        aio: aiopg.Connection,
-        fd: int,
+        aio: Connection,
         loop: asyncio.AbstractEventLoop,
         *,
         guard_s: float,
         watch: Callable[[Session], None],
     ) -> None:
         self.aio = aio
-        self.fd = fd
         self.loop = loop
         self.guard_s = guard_s
         self.watch = watch
@@ -111,25 +159,6 @@ class Session:
         if not description:
             return [], None
         return [col.name for col in description], cursor.fetchone()
-
-
-def forget_fd(fd: int) -> None:
-    """Drop loop watchers left on a socket libpq closed under them (aiopg #856).
-
-    When a connect fails, libpq closes the socket before aiopg removes its writer; uvloop
-    then keeps a dead poll handle for that fd number, and every later connection that
-    gets the number fails in add_reader with "UVPoll closed=True": the sidecar would never
-    recover from an outage. Only a closed fd is touched, so a reused number is left alone.
-    """
-    try:
-        os.fstat(fd)
-        return  # open again: someone else's now
-    except OSError:
-        pass
-    loop = asyncio.get_running_loop()
-    for remove in (loop.remove_writer, loop.remove_reader):
-        with contextlib.suppress(Exception):
-            remove(fd)
 
 
 def reason(exc: BaseException) -> str:

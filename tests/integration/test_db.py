@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -497,6 +498,63 @@ def test_outage_and_recovery_on_uvloop(pg_server: PgServer) -> None:
             at_rest(db)
         finally:
             await db.close(grace_s=0.5)
+
+    uvloop.run(scenario())
+
+
+def test_outage_leaves_no_dead_watcher_for_other_sockets_on_uvloop(pg_server: PgServer) -> None:
+    """Socket numbers libpq frees during an outage are taken at once by others: the
+    sidecar accepts clients and opens S3 connections all the time. Those sockets must
+    be watchable (add_writer: the splice path, aiohttp) during and after the outage.
+
+    Found by the soak (tests/soak): uvloop closes its poll handle when a refused connect
+    reports an error, libpq then closes the socket, and a socket opened before the pool
+    cleaned up got the number and failed with "UVPoll closed=True", for good.
+    """
+
+    async def churn(stop: asyncio.Event, failures: list[str]) -> int:
+        """Open sockets and watch them, as fast as the loop lets us; count them."""
+        loop, opened = asyncio.get_running_loop(), 0
+        while not stop.is_set():
+            a, b = socket.socketpair()
+            with a, b:
+                opened += 1
+                try:
+                    loop.add_writer(a.fileno(), lambda: None)
+                    loop.remove_writer(a.fileno())
+                except RuntimeError as exc:
+                    failures.append(f"fd {a.fileno()}: {exc}")
+            await asyncio.sleep(0)
+        return opened
+
+    async def scenario() -> None:
+        db = Database(
+            DatabaseConfig(pool_min=2, pool_max=4, acquire_timeout=0.5), dsn=pg_server.dsn
+        )
+        await db.start()
+        stop, failures = asyncio.Event(), []
+        churners = [asyncio.create_task(churn(stop, failures)) for _ in range(4)]
+        try:
+            assert await db.fetch_one("SELECT 1 AS one", {}, label="/m/") == {"one": 1}
+            pg_server.stop()
+            try:
+                for _ in range(5):  # refused connects, several sockets each
+                    results = await asyncio.gather(
+                        *(db.fetch_one("SELECT 1 AS one", {}, label="/m/") for _ in range(8)),
+                        return_exceptions=True,
+                    )
+                    assert all(isinstance(r, DatabaseUnavailable) for r in results), results
+            finally:
+                pg_server.start()
+            for _ in range(3):
+                assert await db.fetch_one("SELECT 1 AS one", {}, label="/m/") == {"one": 1}
+        finally:
+            stop.set()
+            opened = await asyncio.gather(*churners)
+            await db.close(grace_s=0.5)
+        assert min(opened) > 10, opened  # the churn really ran alongside
+        assert not failures, failures[:5]
+        at_rest(db)
 
     uvloop.run(scenario())
 
