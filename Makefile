@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 CONFIG ?= config/sidecar.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test test-unit test-integration lint fmt check bench bench-slow bench-instructions lock clean
+.PHONY: venv run test test-unit test-integration lint fmt check bench bench-slow bench-instructions soak lock clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,13 @@ bench-instructions: venv
 bench-slow: venv
 	tests/bench/ensure_tools.sh
 	$(PY) tests/bench/slow_clients.py $(BENCH_ARGS)
+
+# Mixed traffic with faults (a PostgreSQL outage, a failing S3) for SOAK_SECONDS: nothing may
+# leak, hang or answer wrong. `make test` runs the same test for 30 s.
+SOAK_SECONDS ?= 600
+soak: venv
+	tests/bench/ensure_tools.sh postgres jemalloc
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_REPORT=bench-results $(PY) -m pytest -q -s -p no:cacheprovider tests/soak
 
 # Resolve the newest versions allowed by setup.cfg in a scratch venv and pin them all.
 lock:

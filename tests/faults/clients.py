@@ -99,6 +99,13 @@ def fetch(
         return _receive(sock, method, time.monotonic() + timeout_s)
 
 
+def send_raw(port: int, data: bytes, *, timeout_s: float = 10.0) -> Received:
+    """Write `data` as it is (a malformed request, say) and read the response to it."""
+    with connect(port, timeout_s=timeout_s) as sock:
+        sock.sendall(data)
+        return _receive(sock, "GET", time.monotonic() + timeout_s)
+
+
 def read_then_vanish(
     port: int,
     path: str,

@@ -88,7 +88,7 @@ def parse_response(wire: bytes, head_request: bool = False) -> RawResponse:
     if te is not None:
         assert length is None, "both Transfer-Encoding and Content-Length"
         assert te.lower() == "chunked", f"unexpected Transfer-Encoding {te!r}"
-        resp.body = _dechunk(rest)
+        resp.body = dechunk(rest)
     elif length is not None:
         assert length.isdigit(), f"bad Content-Length {length!r}"
         assert len(rest) == int(length), f"Content-Length {length} but {len(rest)} bytes sent"
@@ -98,7 +98,7 @@ def parse_response(wire: bytes, head_request: bool = False) -> RawResponse:
     return resp
 
 
-def _dechunk(data: bytes) -> bytes:
+def dechunk(data: bytes) -> bytes:
     out, pos = bytearray(), 0
     while True:
         eol = data.index(b"\r\n", pos)
