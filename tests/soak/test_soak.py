@@ -9,10 +9,10 @@ that stalls, cuts, fails or trickles. Every answer is checked (status, bytes, he
 the body ended); none may hang past traffic.DEADLINE_S.
 
 Two phases: a warm-up of a fifth of SOAK_SECONDS, then the rest, during which PostgreSQL
-is stopped for OUTAGE_S and started again. After each phase the traffic stops and the
-sidecar must settle: no active request, no S3 body or file held, no pool connection in use
-or waited for, no leaked connection listed, the connection counts adding up. Between the two
-settled points:
+is stopped for 3 s and started again, and later frozen (SIGSTOP) for 2 s (OUTAGES). After
+each phase the traffic stops and the sidecar must settle: no active request, no S3 body or
+file held, no pool connection in use or waited for, no leaked connection listed, the
+connection counts adding up. Between the two settled points:
 - descriptors, by kind (Settled): no client connection left; database and S3 sockets
   within what the pool and the S3 clients report holding; no other file or socket more
   than at the first rest (one leaked per request, per fault or per outage would show);
@@ -57,9 +57,9 @@ CLIENTS: Final = int(os.environ.get("SOAK_CLIENTS", "16"))
 LOOP: Final = os.environ.get("SOAK_LOOP", "uvloop")
 REPORT: Final = os.environ.get("SOAK_REPORT")  # a directory: write the figures there
 WARM_SHARE: Final = 0.2
-OUTAGE_S: Final = 3.0
-OUTAGE_AT: Final = 0.3  # of the second phase
-IDLE_S, FIRST_BYTE_S, ACQUIRE_S = 2.0, 1.0, 1.0
+# (kind, when as a share of the second phase, how long in seconds)
+OUTAGES: Final = (("stopped", 0.25, 3.0), ("frozen", 0.6, 2.0))
+IDLE_S, FIRST_BYTE_S, ACQUIRE_S, STATEMENT_S = 2.0, 1.0, 1.0, 1.0
 # After PostgreSQL is back, lookups may still get 503 this long (a pool reconnecting).
 RECOVERY_S: Final = 10.0
 RSS_GROWTH_MIB: Final = 16.0
@@ -93,8 +93,18 @@ class Settled:
 
 @dataclass
 class Outage:
+    """One database fault of the run: PostgreSQL stopped, or frozen (SIGSTOP: connections
+    hang instead of failing, so only the sidecar's own timers end its queries)."""
+
+    kind: str  # "stopped" | "frozen"
+    at_share: float  # when, as a share of the second phase
+    seconds: float
     down_at: float = 0.0
     up_at: float = 0.0
+
+    def covers(self, started: float) -> bool:
+        """A request started while it lasted, or while the pool was recovering from it."""
+        return bool(self.up_at) and self.down_at - 0.5 <= started <= self.up_at + RECOVERY_S
 
 
 def _proc(pid: int, name: str) -> int:
@@ -278,7 +288,7 @@ class Soak:
             })  # fmt: skip
 
 
-def judge(result: traffic.Result, outage: Outage) -> str | None:
+def judge(result: traffic.Result, outages: list[Outage]) -> str | None:
     """The problem with a result, if any; a fast 503 is right while the database is away."""
     if result.problem is None:
         return None
@@ -286,9 +296,10 @@ def judge(result: traffic.Result, outage: Outage) -> str | None:
         result.needs_db
         and result.status == 503
         and (result.error_code or "").startswith("database")
-        and outage.down_at - 0.5 <= result.started <= outage.up_at + RECOVERY_S
+        and any(o.covers(result.started) for o in outages)
     ):
-        if result.elapsed_s <= ACQUIRE_S + 1.5:
+        # acquire_timeout, or statement_timeout plus the client's grace (frozen server)
+        if result.elapsed_s <= max(ACQUIRE_S, STATEMENT_S + 0.5) + 1.0:
             return None
         return f"database down: 503 after {result.elapsed_s:.1f} s, not within acquire_timeout"
     return result.problem
@@ -323,7 +334,7 @@ def sidecar(
             "dsn_env": DSN_ENV,
             "pool_max": 4,
             "acquire_timeout": f"{ACQUIRE_S}s",
-            "statement_timeout": "1s",
+            "statement_timeout": f"{STATEMENT_S}s",
             "leak_threshold": "3s",
         },
         logging={"level": "warning", "format": "json"},
@@ -378,37 +389,47 @@ def test_mixed_traffic_with_faults_leaks_nothing(
     soak.run(warm_s)
     warm = settle(sidecar, ports)
 
-    outage = Outage()
+    outages = [Outage(kind, share, seconds) for kind, share, seconds in OUTAGES]
+    main_s = max(sum(o.seconds for o in outages) + 2 * RECOVERY_S, SOAK_S - warm_s)
 
-    def stop_the_database(stop: threading.Event) -> None:
-        if stop.wait((SOAK_S - warm_s) * OUTAGE_AT):
-            return
-        outage.down_at = time.monotonic()
-        pg_server.stop()
-        try:
-            stop.wait(OUTAGE_S)
-        finally:
-            pg_server.start()
-            outage.up_at = time.monotonic()
+    def database_faults(stop: threading.Event) -> None:
+        started = time.monotonic()
+        for o in outages:
+            if stop.wait(max(0.0, started + main_s * o.at_share - time.monotonic())):
+                return
+            o.down_at = time.monotonic()
+            halt, resume = (
+                (pg_server.stop, pg_server.start)
+                if o.kind == "stopped"
+                else (pg_server.freeze, pg_server.thaw)
+            )
+            halt()
+            try:
+                stop.wait(o.seconds)
+            finally:
+                resume()
+                o.up_at = time.monotonic()
 
     main_started = time.monotonic()
-    soak.run(max(OUTAGE_S + RECOVERY_S + 5, SOAK_S - warm_s), during=stop_the_database)
+    soak.run(main_s, during=database_faults)
     end = settle(sidecar, ports)
-    report = summarize(soak, outage, warm, end, time.monotonic() - main_started)
+    report = summarize(soak, outages, warm, end, time.monotonic() - main_started)
     if REPORT:
         write_report(Path(REPORT), report)
 
-    problems = [(r.kind, p) for r in soak.results if (p := judge(r, outage)) is not None]
+    problems = [(r.kind, p) for r in soak.results if (p := judge(r, outages)) is not None]
     counts = collections.Counter(problems)
     assert not problems, f"{len(problems)} wrong answers: {counts.most_common(10)}"
     assert not soak.sampler_problems, soak.sampler_problems[:5]
     answered = {r.kind for r in soak.results if r.problem is None}
     assert answered >= set(traffic.KINDS), f"never answered right: {set(traffic.KINDS) - answered}"
-    down = [r for r in soak.results if r.needs_db and r.status == 503]
-    assert outage.up_at and down, "the database outage was not exercised"
-    assert any(r.needs_db and r.status == 200 and r.started > outage.up_at for r in soak.results), (
-        "no lookup succeeded after the database came back"
-    )
+    for o in outages:  # each fault was felt, and lookups worked again after it
+        assert o.up_at, f"the database was never {o.kind}"
+        during = [r for r in soak.results if r.needs_db and o.covers(r.started)]
+        assert any(r.status == 503 for r in during), f"no 503 while the database was {o.kind}"
+        assert any(r.needs_db and r.status == 200 and r.started > o.up_at for r in soak.results), (
+            f"no lookup succeeded after the database was {o.kind}"
+        )
 
     # At rest nothing is held that the figures do not account for, and no more than after
     # the warm-up: a descriptor leaked per request, per fault or per outage would show.
@@ -432,7 +453,7 @@ def test_mixed_traffic_with_faults_leaks_nothing(
 
 
 def summarize(
-    soak: Soak, outage: Outage, warm: Settled, end: Settled, main_s: float
+    soak: Soak, outages: list[Outage], warm: Settled, end: Settled, main_s: float
 ) -> dict[str, Any]:
     by_kind: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
     for r in soak.results:
@@ -446,7 +467,7 @@ def summarize(
         "by_kind": {
             k: {str(s): n for s, n in sorted(v.items())} for k, v in sorted(by_kind.items())
         },
-        "outage_s": round(outage.up_at - outage.down_at, 2),
+        "outages": {o.kind: round(o.up_at - o.down_at, 2) for o in outages},
         "main_phase_s": round(main_s, 1),
         "warm": {k: v for k, v in asdict(warm).items() if k != "stats"},
         "end": {k: v for k, v in asdict(end).items() if k != "stats"},
