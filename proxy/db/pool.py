@@ -247,7 +247,7 @@ class Pool:
                 try:
                     await conn
                 except BaseException:
-                    _abandon(conn)
+                    conn.abandon()
                     raise
                 return Session(
                     conn,
@@ -284,15 +284,6 @@ class Pool:
             if not (fut := self._waiters.popleft()).done():
                 fut.set_result(None)
                 return
-
-
-def _abandon(conn: Connection) -> None:
-    """Close a connection whose connect failed, now rather than when the collector finds
-    it (aiopg would then log "Unclosed connection" and a future nobody retrieved)."""
-    waiter = conn._waiter
-    if waiter is not None and not waiter.done():
-        waiter.cancel()  # the connect's own future: nobody awaits it any more
-    conn.close()
 
 
 def _time_out(woken: asyncio.Future[Session | None]) -> None:

@@ -47,37 +47,49 @@ class Connection(aiopg.Connection):
     def _ready(weak_self: weakref.ref[Any]) -> None:
         aiopg.Connection._ready(weak_self)
         self = weak_self()
-        # aiopg forgets the number once libpq closed it; psycopg2 marks a lost connection
+        # aiopg forgets the number once libpq closed it; psycopg2 marks a lost connection.
+        # Still inside the callback in which libpq closed it: no other code on the loop
+        # can have taken the number yet, so its watchers go whoever's socket it is now.
         if self is not None and (self._fileno is None or self._conn.closed):
-            self.forget_socket()
+            self._drop_watchers()
 
-    def forget_socket(self) -> None:
-        """Remove the loop's watchers of our socket's number, once (see the class)."""
+    def abandon(self) -> None:
+        """Close a connection whose connect failed, now rather than when the collector
+        finds it (aiopg would then log "Unclosed connection" and an unretrieved future)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.cancel()  # the connect's own future: nobody awaits it any more
+        self.close()
+
+    def _close(self) -> None:
+        """Watchers off while the socket is still ours, then psycopg2's close; idempotent."""
+        if self._socket_fd >= 0:
+            try:
+                st = os.fstat(self._socket_fd)
+            except OSError:
+                self._drop_watchers()  # closed: the number is nobody's, clear what is left
+            else:
+                if (st.st_dev, st.st_ino) == self._socket_id:
+                    self._drop_watchers()
+                else:  # reused already (a file another thread opened): not ours to touch
+                    self._socket_fd, self._fileno = -1, None
+        super()._close()
+
+    def _drop_watchers(self) -> None:
+        """Remove the loop's reader and writer of our socket's number, once."""
         fd, self._socket_fd = self._socket_fd, -1
         if fd < 0:
             return
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            pass  # closed: the number is nobody's, clear what the loop keeps for it
-        else:
-            if (st.st_dev, st.st_ino) != self._socket_id:
-                return  # reused already (a file another thread opened): not ours to touch
         for remove in (self._loop.remove_reader, self._loop.remove_writer):
             with contextlib.suppress(Exception):  # a closed fd may raise (selector loops)
                 remove(fd)
         self._fileno = None  # aiopg must not touch the number again
         self._writing = False
 
-    def _close(self) -> None:
-        """Watchers off while the socket is still ours, then psycopg2's close; idempotent."""
-        self.forget_socket()
-        super()._close()
-
 
 class Session:
-    """One pooled session: aiopg's connection, its socket number, a cursor used for every
-    query, the statements prepared on it, and the label of whoever holds it now.
+    """One pooled session: aiopg's connection (Connection), a cursor used for every query,
+    the statements prepared on it, and the label of whoever holds it now.
 
     `guard_s` bounds each query on the client side; `watch` is called with the session
     when a query starts waiting, so the pool's watchdog looks at `expires`.
