@@ -61,8 +61,8 @@ bench-slow: venv
 	tests/bench/ensure_tools.sh
 	$(PY) tests/bench/slow_clients.py $(BENCH_ARGS)
 
-# Mixed traffic with faults (a PostgreSQL outage, a failing S3) for SOAK_SECONDS: nothing may
-# leak, hang or answer wrong. `make test` runs the same test for 30 s.
+# Mixed traffic with faults (PostgreSQL stopped and frozen, the backend restarted, a failing
+# S3) for SOAK_SECONDS: nothing may leak, hang or answer wrong. `make test` runs the same test for 30 s.
 SOAK_SECONDS ?= 600
 soak: venv
 	tests/bench/ensure_tools.sh postgres jemalloc

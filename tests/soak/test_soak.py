@@ -1,26 +1,28 @@
 """Soak: every kind of client, storage and database trouble at once, for a while; nothing leaks.
 
 One real sidecar process (uvloop, or SOAK_LOOP) serves disk, SeaweedFS, a fault-injecting
-S3 stand-in (tests/faults/fake_s3.py) and PostgreSQL lookup routes (cached, uncached,
-signed) to SOAK_CLIENTS threads that pick requests from traffic.MIX: whole files, ranges,
-multipart ranges, conditionals, HEADs, keep-alive runs, lookups, refused ids, signatures,
-clients that vanish mid-body, never read or read slowly, malformed requests, and a storage
-that stalls, cuts, fails or trickles. Every answer is checked (status, bytes, headers, how
-the body ended); none may hang past traffic.DEADLINE_S.
+S3 stand-in (tests/faults/fake_s3.py), PostgreSQL lookup routes (cached, uncached, signed)
+and an upstream route to the example backend (tests/upstream_backend.py) to SOAK_CLIENTS
+threads that pick requests from traffic.MIX: whole files, ranges, multipart ranges,
+conditionals, HEADs, keep-alive runs, lookups, refused ids, signatures, the backend's
+bodies and X-Accel-Redirects, clients that vanish mid-body, never read or read slowly,
+malformed requests, and a storage that stalls, cuts, fails or trickles. Every answer is
+checked (status, bytes, headers, how the body ended); none may hang past
+traffic.DEADLINE_S.
 
 Two phases: a warm-up of a fifth of SOAK_SECONDS, then the rest, during which PostgreSQL
-is stopped for 3 s and started again, and later frozen (SIGSTOP) for 2 s (OUTAGES). After
+is stopped for 3 s, the backend restarted, and PostgreSQL frozen (SIGSTOP) for 2 s. After
 each phase the traffic stops and the sidecar must settle: no active request, no S3 body or
 file held, no pool connection in use or waited for, no leaked connection listed, the
 connection counts adding up. Between the two settled points:
-- descriptors, by kind (Settled): no client connection left; database and S3 sockets
-  within what the pool and the S3 clients report holding; no other file or socket more
-  than at the first rest (one leaked per request, per fault or per outage would show);
+- descriptors, by kind (Settled): no client connection left; database, S3 and backend
+  sockets within what their pools report holding; no other file or socket more than at
+  the first rest (one leaked per request, per fault or per outage would show);
 - memory: RSS may grow by at most RSS_GROWTH_MIB + RSS_GROWTH_RATIO.
 
 `make test` runs it for 30 s; `make soak` for SOAK_SECONDS (600 by default) and writes
 bench-results/soak-<timestamp>.json. Traffic goes to 127.0.0.1 only; the sidecar is
-stopped by its PID, PostgreSQL is always started again.
+and every backend started are stopped by their PIDs, PostgreSQL is always started again.
 """
 
 from __future__ import annotations
@@ -39,11 +41,20 @@ from typing import Any, Final
 import orjson
 import pytest
 
-from tests.conftest import REPO, S3Server, SidecarProcess, free_port, log_tail, make_config
+from tests.conftest import (
+    REPO,
+    S3Server,
+    SidecarProcess,
+    free_port,
+    log_tail,
+    make_config,
+    stop_process,
+)
 from tests.faults.fake_s3 import FakeS3
 from tests.integration.sidecars import (
     error_lines,
     invariant_holds,
+    running_backend,
     running_sidecar,
     settled,
     stats,
@@ -57,8 +68,16 @@ CLIENTS: Final = int(os.environ.get("SOAK_CLIENTS", "16"))
 LOOP: Final = os.environ.get("SOAK_LOOP", "uvloop")
 REPORT: Final = os.environ.get("SOAK_REPORT")  # a directory: write the figures there
 WARM_SHARE: Final = 0.2
-# (kind, when as a share of the second phase, how long in seconds)
-OUTAGES: Final = (("stopped", 0.25, 3.0), ("frozen", 0.6, 2.0))
+# (what, how, when as a share of the second phase, for how many seconds)
+OUTAGES: Final = (
+    ("database", "stopped", 0.2, 3.0),
+    ("backend", "restarted", 0.45, 2.0),
+    ("database", "frozen", 0.65, 2.0),
+)
+# A request that fails because its database or backend is away must fail this fast:
+# acquire_timeout, or statement_timeout plus the client's grace (a frozen server), or the
+# backend's connect_timeout, plus scheduling slack.
+FAST_FAILURE_S: Final = 2.5
 IDLE_S, FIRST_BYTE_S, ACQUIRE_S, STATEMENT_S = 2.0, 1.0, 1.0, 1.0
 # After PostgreSQL is back, lookups may still get 503 this long (a pool reconnecting).
 RECOVERY_S: Final = 10.0
@@ -93,10 +112,12 @@ class Settled:
 
 @dataclass
 class Outage:
-    """One database fault of the run: PostgreSQL stopped, or frozen (SIGSTOP: connections
-    hang instead of failing, so only the sidecar's own timers end its queries)."""
+    """One fault of the run: PostgreSQL stopped, or frozen (SIGSTOP: connections hang
+    instead of failing, so only the sidecar's own timers end its queries); the backend
+    stopped by its PID and started again on the same port."""
 
-    kind: str  # "stopped" | "frozen"
+    depends: str  # "database" | "backend": what the requests it fails depend on
+    kind: str  # "stopped" | "frozen" | "restarted"
     at_share: float  # when, as a share of the second phase
     seconds: float
     down_at: float = 0.0
@@ -130,6 +151,7 @@ class Ports:
     admin: int
     database: int
     s3: frozenset[int]
+    backend: int
 
 
 def _fds_by_kind(pid: int, ports: Ports) -> dict[str, int]:
@@ -163,6 +185,8 @@ def _fds_by_kind(pid: int, ports: Ports) -> dict[str, int]:
                     kinds["database"] += 1
                 elif remote in ports.s3:
                     kinds["s3"] += 1
+                elif remote == ports.backend:
+                    kinds["upstream"] += 1
                 else:
                     kinds[f"tcp to {remote}"] += 1
     for table, inode_col in (("unix", 6), ("udp", 9), ("udp6", 9), ("netlink", 9)):
@@ -181,6 +205,7 @@ def _held(s: dict[str, Any]) -> dict[str, int]:
     return {
         "database": s["database"]["size"],
         "s3_idle": sum(v["upstream_idle"] for v in storages if v["type"] == "s3"),
+        "upstream_idle": sum(v["upstream_idle"] for v in storages if v["type"] == "upstream"),
         "disk_cached": sum(v["upstream_idle"] for v in storages if v["type"] == "disk"),
     }
 
@@ -289,19 +314,20 @@ class Soak:
 
 
 def judge(result: traffic.Result, outages: list[Outage]) -> str | None:
-    """The problem with a result, if any; a fast 503 is right while the database is away."""
+    """The problem with a result, if any. While what it depends on is away: a fast 502,
+    503 or 504 is right, and so is a backend's body cut off mid-way (never made whole)."""
     if result.problem is None:
         return None
-    if (
-        result.needs_db
-        and result.status == 503
-        and (result.error_code or "").startswith("database")
-        and any(o.covers(result.started) for o in outages)
-    ):
-        # acquire_timeout, or statement_timeout plus the client's grace (frozen server)
-        if result.elapsed_s <= max(ACQUIRE_S, STATEMENT_S + 0.5) + 1.0:
-            return None
-        return f"database down: 503 after {result.elapsed_s:.1f} s, not within acquire_timeout"
+    if any(o.depends == result.depends_on and o.covers(result.started) for o in outages):
+        if result.status in (502, 503, 504) and (result.error_code or "").startswith(
+            ("database", "upstream")
+        ):
+            if result.elapsed_s <= FAST_FAILURE_S:
+                return None
+            return f"{result.depends_on} away: {result.status} after {result.elapsed_s:.1f} s"
+        if result.depends_on == "backend" and result.status == 200:
+            if result.ending in ("eof", "reset"):
+                return None
     return result.problem
 
 
@@ -317,6 +343,26 @@ def fake_storage() -> Iterator[tuple[FakeS3, dict[str, bytes]]]:
         yield fake, objects
 
 
+class Backends:
+    """The example backend (tests/upstream_backend.py) on one port, restartable."""
+
+    def __init__(self, workdir: Path, stack: contextlib.ExitStack) -> None:
+        self.workdir, self.port, self._stack = workdir, free_port(), stack
+        self.current = stack.enter_context(running_backend(workdir, self.port))
+
+    def stop(self) -> None:
+        stop_process(self.current.proc)
+
+    def start(self) -> None:
+        self.current = self._stack.enter_context(running_backend(self.workdir, self.port))
+
+
+@pytest.fixture
+def backends(tmp_path: Path) -> Iterator[Backends]:
+    with contextlib.ExitStack() as stack:  # every backend started is stopped by its PID
+        yield Backends(tmp_path, stack)
+
+
 @pytest.fixture
 def sidecar(
     tmp_path: Path,
@@ -324,6 +370,7 @@ def sidecar(
     s3_server: S3Server,
     pg_server: PgServer,
     fake_storage: tuple[FakeS3, dict[str, bytes]],
+    backends: Backends,
 ) -> Iterator[SidecarProcess]:
     config = make_config(
         media_root,
@@ -338,6 +385,14 @@ def sidecar(
             "leak_threshold": "3s",
         },
         logging={"level": "warning", "format": "json"},
+        upstreams={
+            "app": {
+                "url": f"http://127.0.0.1:{backends.port}",
+                "connect_timeout": "1s",
+                "response_timeout": "5s",
+                "max_body_size": "6MiB",
+            }
+        },
     )
     uploads = config["storages"]["uploads"]
     config["storages"]["faulty"] = {
@@ -355,6 +410,8 @@ def sidecar(
             "access": {"mode": "signed", "keys_env": ["SOAK_SIGN_KEY"]},
         },
         {"prefix": "/faulty/", "storage": "faulty"},
+        {"prefix": "/app/", "upstream": "app"},
+        {"prefix": "/protected/", "storage": "local", "internal": True},
         *config["routes"],
     ]
     env = {DSN_ENV: pg_server.dsn, "SOAK_SIGN_KEY": SIGN_KEY}
@@ -371,6 +428,7 @@ def test_mixed_traffic_with_faults_leaks_nothing(
     pg_server: PgServer,
     s3_server: S3Server,
     fake_storage: tuple[FakeS3, dict[str, bytes]],
+    backends: Backends,
 ) -> None:
     objects = fake_storage[1]
     target = traffic.Target(sidecar.port, objects, SIGN_KEY.encode(), IDLE_S, FIRST_BYTE_S)
@@ -384,25 +442,27 @@ def test_mixed_traffic_with_faults_leaks_nothing(
         admin=sidecar.admin_port,
         database=pg_server.port,
         s3=frozenset({_port(s3_server.endpoint), _port(fake_storage[0].endpoint)}),
+        backend=backends.port,
     )
     warm_s = max(5.0, SOAK_S * WARM_SHARE)
     soak.run(warm_s)
     warm = settle(sidecar, ports)
 
-    outages = [Outage(kind, share, seconds) for kind, share, seconds in OUTAGES]
+    outages = [Outage(*outage) for outage in OUTAGES]
+    halts = {
+        "stopped": (pg_server.stop, pg_server.start),
+        "frozen": (pg_server.freeze, pg_server.thaw),
+        "restarted": (backends.stop, backends.start),
+    }
     main_s = max(sum(o.seconds for o in outages) + 2 * RECOVERY_S, SOAK_S - warm_s)
 
-    def database_faults(stop: threading.Event) -> None:
+    def faults(stop: threading.Event) -> None:
         started = time.monotonic()
         for o in outages:
             if stop.wait(max(0.0, started + main_s * o.at_share - time.monotonic())):
                 return
             o.down_at = time.monotonic()
-            halt, resume = (
-                (pg_server.stop, pg_server.start)
-                if o.kind == "stopped"
-                else (pg_server.freeze, pg_server.thaw)
-            )
+            halt, resume = halts[o.kind]
             halt()
             try:
                 stop.wait(o.seconds)
@@ -411,7 +471,7 @@ def test_mixed_traffic_with_faults_leaks_nothing(
                 o.up_at = time.monotonic()
 
     main_started = time.monotonic()
-    soak.run(main_s, during=database_faults)
+    soak.run(main_s, during=faults)
     end = settle(sidecar, ports)
     report = summarize(soak, outages, warm, end, time.monotonic() - main_started)
     if REPORT:
@@ -423,13 +483,14 @@ def test_mixed_traffic_with_faults_leaks_nothing(
     assert not soak.sampler_problems, soak.sampler_problems[:5]
     answered = {r.kind for r in soak.results if r.problem is None}
     assert answered >= set(traffic.KINDS), f"never answered right: {set(traffic.KINDS) - answered}"
-    for o in outages:  # each fault was felt, and lookups worked again after it
-        assert o.up_at, f"the database was never {o.kind}"
-        during = [r for r in soak.results if r.needs_db and o.covers(r.started)]
-        assert any(r.status == 503 for r in during), f"no 503 while the database was {o.kind}"
-        assert any(r.needs_db and r.status == 200 and r.started > o.up_at for r in soak.results), (
-            f"no lookup succeeded after the database was {o.kind}"
-        )
+    for o in outages:  # each fault was felt, and requests worked again after it
+        assert o.up_at, f"the {o.depends} was never {o.kind}"
+        hit = [r for r in soak.results if r.depends_on == o.depends and o.covers(r.started)]
+        assert any(r.status in (502, 503) for r in hit), f"no 502/503: {o.depends} {o.kind}"
+        assert any(
+            r.depends_on == o.depends and r.status == 200 and r.started > o.up_at
+            for r in soak.results
+        ), f"nothing through the {o.depends} succeeded after it was {o.kind}"
 
     # At rest nothing is held that the figures do not account for, and no more than after
     # the warm-up: a descriptor leaked per request, per fault or per outage would show.
@@ -437,6 +498,7 @@ def test_mixed_traffic_with_faults_leaks_nothing(
         assert state.fds.get("client", 0) == 0, state
         assert state.fds.get("database", 0) <= state.held["database"], state
         assert state.fds.get("s3", 0) <= state.held["s3_idle"], state
+        assert state.fds.get("upstream", 0) <= state.held["upstream_idle"], state
         assert not [k for k in state.fds if k.startswith("tcp to")], state
     assert end.files_beyond_cache == warm.files_beyond_cache, (warm, end)
     others = [k for k in {**warm.fds, **end.fds} if k.startswith("other_socket")]
@@ -467,7 +529,7 @@ def summarize(
         "by_kind": {
             k: {str(s): n for s, n in sorted(v.items())} for k, v in sorted(by_kind.items())
         },
-        "outages": {o.kind: round(o.up_at - o.down_at, 2) for o in outages},
+        "outages": {f"{o.depends} {o.kind}": round(o.up_at - o.down_at, 2) for o in outages},
         "main_phase_s": round(main_s, 1),
         "warm": {k: v for k, v in asdict(warm).items() if k != "stats"},
         "end": {k: v for k, v in asdict(end).items() if k != "stats"},

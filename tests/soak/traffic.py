@@ -3,8 +3,8 @@
 Every action opens its own connection(s) to 127.0.0.1, is bounded by a deadline, and
 returns a `Result`: `problem` is None when the answer was exactly what a healthy sidecar
 owes (status, bytes, headers, how the body ended), else says what was wrong. Actions whose
-answer depends on PostgreSQL say so (`needs_db`): the soak stops the database for a while,
-and judges those answers against that window (test_soak.py).
+answer depends on PostgreSQL or on the backend say so (`depends_on`): the soak stops each
+for a while, and judges those answers against that window (test_soak.py).
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from proxy.signing import signed_url
 from tests.conftest import FILES
 from tests.faults import clients
 from tests.integration.rawhttp import dechunk, parse_byteranges
+from tests.upstream_backend import BIG_BODY, HELLO, stream_body
 
 DEADLINE_S: Final = 10.0  # no answer by then is a hang: always a problem
 BIG: Final = "big.bin"
 # Every other test file, less the one whose name needs percent-encoding in a request line.
 SMALL: Final = tuple(k for k in FILES if k != BIG and " " not in k)
 STORAGE_PREFIXES: Final = ("/media/", "/s3/")
+# Served from disk after the backend's X-Accel-Redirect (one path segment each).
+ACCEL_KEYS: Final = tuple(k for k in SMALL if "/" not in k)
 # Lookup routes of the soak's config (test_soak.py) and the files their ids resolve to.
 LOOKUPS: Final = (
     ("/api/media/m-hello", "hello.txt"),
@@ -56,8 +59,9 @@ class Result:
     problem: str | None
     started: float  # time.monotonic()
     elapsed_s: float
-    needs_db: bool = False
+    depends_on: str | None = None  # "database" | "backend": may fail while it is away
     error_code: str | None = None  # the JSON body's "error", for error statuses
+    ending: str | None = None  # how the body ended (clients.Received.ending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +101,10 @@ def _fetch(target: Target, path: str, **kwargs: object) -> clients.Received:
 
 
 def _result(kind: str, started: float, got: clients.Received, problem: str | None,
-            *, needs_db: bool = False) -> Result:  # fmt: skip
+            *, depends_on: str | None = None) -> Result:  # fmt: skip
     code = _error_code(got.body) if got.status >= 400 else None
-    return Result(kind, got.status, problem, started, time.monotonic() - started, needs_db, code)
+    elapsed = time.monotonic() - started
+    return Result(kind, got.status, problem, started, elapsed, depends_on, code, got.ending)
 
 
 # ---------------------------------------------------------------------------- storages
@@ -215,7 +220,7 @@ def lookup(target: Target, rng: random.Random) -> Result:
     path, key = rng.choice(LOOKUPS)
     started = time.monotonic()
     got = _fetch(target, path)
-    return _result("lookup", started, got, _expect_whole(got, FILES[key]), needs_db=True)
+    return _result("lookup", started, got, _expect_whole(got, FILES[key]), depends_on="database")
 
 
 def lookup_refused(target: Target, rng: random.Random) -> Result:
@@ -232,7 +237,7 @@ def lookup_refused(target: Target, rng: random.Random) -> Result:
     problem = None if got.status in want else f"status {got.status} for {path[:40]!r}, not {want}"
     if problem is None and _error_code(got.body) is None:
         problem = f"no JSON error body for {path[:40]!r}"
-    return _result("lookup-refused", started, got, problem, needs_db=True)
+    return _result("lookup-refused", started, got, problem, depends_on="database")
 
 
 def signed(target: Target, rng: random.Random) -> Result:
@@ -249,7 +254,39 @@ def signed(target: Target, rng: random.Random) -> Result:
             problem = f"forged signature: status {got.status} {got.body[:80]!r}, not 403"
     else:
         problem = _expect_whole(got, FILES["pic.png"])
-    return _result("signed", started, got, problem, needs_db=True)
+    return _result("signed", started, got, problem, depends_on="database")
+
+
+# ---------------------------------------------------------------------------- the backend
+
+
+def upstream(target: Target, rng: random.Random) -> Result:
+    """Through the backend (upstream route): its bodies, chunked ones, an X-Accel-Redirect
+    served from disk, and its own 404, each byte for byte."""
+    choice = rng.randrange(5)
+    if choice == 0:
+        path, status, want = "/app/hello", 200, HELLO
+    elif choice == 1:
+        path, status, want = "/app/big", 200, BIG_BODY
+    elif choice == 2:
+        size = rng.choice((0, 1, 1000, 200_000))
+        path, status, want = f"/app/stream?size={size}", 200, stream_body(size)
+    elif choice == 3:
+        key = rng.choice(ACCEL_KEYS)
+        path, status, want = f"/app/accel/{key}", 200, FILES[key]
+    else:
+        path, status, want = "/app/status/404", 404, None
+    started = time.monotonic()
+    got = _fetch(target, path)
+    body = got.body
+    if got.complete and "chunked" in got.headers.get("transfer-encoding", ""):
+        body = dechunk(body)
+    problem = None
+    if got.status != status or not got.complete:
+        problem = f"{path}: status {got.status} ({got.ending}), not a complete {status}"
+    elif want is not None and body != want:
+        problem = f"{path}: wrong bytes ({len(body)} received, {len(want)} expected)"
+    return _result("upstream", started, got, problem, depends_on="backend")
 
 
 # ---------------------------------------------------------------------------- clients
@@ -350,12 +387,14 @@ MIX: Final[tuple[tuple[int, Action], ...]] = (
     (1, slow_reader),
     (1, bad_request),
     (3, faulty_storage),
+    (5, upstream),
 )
 ALL_ACTIONS: Final = tuple(action for _, action in MIX)
 # Every kind of Result the actions produce: a soak must see each answered right at least once.
 KINDS: Final = (
     "whole", "big", "range", "multirange", "conditional", "head", "keep-alive", "lookup",
-    "lookup-refused", "signed", "vanish", "stalled-reader", "slow-reader", "bad-request",
+    "lookup-refused", "signed", "upstream", "vanish", "stalled-reader", "slow-reader",
+    "bad-request",
     *(f"faulty-{key.removesuffix('.bin')}" for key in FAULTY),
 )  # fmt: skip
 
