@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -419,10 +420,6 @@ def sidecar(
         yield proc
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
 def test_mixed_traffic_with_faults_leaks_nothing(
     sidecar: SidecarProcess,
     pg_server: PgServer,
@@ -441,7 +438,7 @@ def test_mixed_traffic_with_faults_leaks_nothing(
         media=sidecar.port,
         admin=sidecar.admin_port,
         database=pg_server.port,
-        s3=frozenset({_port(s3_server.endpoint), _port(fake_storage[0].endpoint)}),
+        s3=frozenset({urlsplit(s3_server.endpoint).port, urlsplit(fake_storage[0].endpoint).port}),
         backend=backends.port,
     )
     warm_s = max(5.0, SOAK_S * WARM_SHARE)
