@@ -121,6 +121,27 @@ def error_lines(sidecar: SidecarProcess) -> list[str]:
     return [line for line in sidecar.log.read_text().splitlines() if '"level":"error"' in line]
 
 
+def logged_events(
+    sidecar: SidecarProcess, marker: str, event: str, count: int, timeout_s: float = 5
+) -> list[dict[str, Any]]:
+    """The log's events of lines containing `marker`, once `count` of them are named `event`.
+
+    aiohttp writes the access line after the response's last byte, so a client can read the
+    log before its own request's line is there."""
+
+    def events() -> list[dict[str, Any]]:
+        lines = sidecar.log.read_text().splitlines()
+        return [orjson.loads(line) for line in lines if marker in line]
+
+    wait_until(
+        lambda: sum(e["event"] == event for e in events()) >= count,
+        timeout_s,
+        f"{count} {event} events with {marker!r}",
+        sidecar.log,
+    )
+    return events()
+
+
 def admin(sidecar: SidecarProcess, path: str, token: str | None = None) -> Any:
     """GET an admin endpoint and decode its JSON (fails the test on a non-200)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None

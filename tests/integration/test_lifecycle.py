@@ -19,6 +19,7 @@ from tests.conftest import FILES, S3Server, SidecarProcess, free_port, make_conf
 from tests.integration.httpclient import request
 from tests.integration.sidecars import (
     error_lines,
+    logged_events,
     open_stream,
     quiet,
     read_until_closed,
@@ -146,9 +147,7 @@ def test_lifecycle_events_are_logged_with_ids(sidecar: SidecarProcess) -> None:
     reply = request(sidecar.port, "GET", "/media/big.bin", {"X-Request-ID": "life-log-1"})
     assert reply.body == FILES["big.bin"]
     quiet(sidecar)
-    events = [
-        orjson.loads(line) for line in sidecar.log.read_text().splitlines() if "life-log-1" in line
-    ]
+    events = logged_events(sidecar, "life-log-1", "http.request", 1)
     by_name = {e["event"]: e for e in events}
     assert {"stream.start", "stream.end", "http.request"} <= set(by_name)
     end = by_name["stream.end"]

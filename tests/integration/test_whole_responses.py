@@ -23,6 +23,7 @@ from tests.conftest import FILES, S3Server, SidecarProcess, free_port, make_conf
 from tests.integration.httpclient import request
 from tests.integration.sidecars import (
     error_lines,
+    logged_events,
     quiet,
     read_until_closed,
     running_sidecar,
@@ -167,8 +168,7 @@ def test_a_client_request_id_is_kept_on_the_template_path(sidecar: SidecarProces
     for _ in range(2):
         status, headers, _ = fetch(sidecar, "/own/other.bin", X_Request_ID="trace-123")
         assert status == 200 and headers["x-request-id"] == "trace-123"
-    log = sidecar.log.read_text()
-    lines = [orjson.loads(line) for line in log.splitlines() if '"trace-123"' in line]
+    lines = logged_events(sidecar, '"trace-123"', "http.request", 2)
     assert [line["status"] for line in lines if line["event"] == "http.request"] == [200, 200]
 
 
