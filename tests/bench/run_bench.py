@@ -944,6 +944,15 @@ def lookup_report(runs: list[LookupRun], facts: dict[str, str]) -> list[str]:
     return lines
 
 
+def postgres_cpu(choice: str) -> int | None:
+    """The CPU PostgreSQL is pinned to: `auto` gives it CPU 2 where there is one."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return 2 if 2 in os.sched_getaffinity(0) else 1
+    return int(choice)
+
+
 def client_bound(runs: list[LookupRun]) -> list[str]:
     """What CPU 1 (curl, and PostgreSQL pinned beside it) allowed the first-byte passes.
 
@@ -1048,9 +1057,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--pg-cpu",
-        default="1",
-        choices=["0", "1", "none"],
-        help="lookup scenarios: the CPU PostgreSQL is pinned to (default 1, with wrk)",
+        default="auto",
+        choices=["auto", "0", "1", "2", "none"],
+        help="lookup scenarios: the CPU PostgreSQL is pinned to (default: 2 when the"
+        " machine has it, so the client has CPU 1 to itself; else 1, with the client)",
     )
     args = ap.parse_args()
     for name, allowed in [("servers", "nginx,sidecar"), ("loops", LOOPS), ("scenarios", keys)]:
@@ -1085,7 +1095,7 @@ def main() -> int:
                 bench.failures.append(f"{server}: {str(exc).splitlines()[0]}")
                 print(f"\n*** {server} FAILED: {exc}\n", file=sys.stderr, flush=True)
         if lookups:
-            pg_cpu = None if args.pg_cpu == "none" else int(args.pg_cpu)
+            pg_cpu = postgres_cpu(args.pg_cpu)
             bench.lookup_facts["postgres pinning"] = (
                 f"CPU {pg_cpu}" if pg_cpu is not None and pin else "not pinned"
             )
