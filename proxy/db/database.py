@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any, Final
 
 import psycopg2
 import psycopg2.extensions
 
 from proxy.config import DatabaseConfig
 from proxy.db.pool import CLOSE_GRACE_S, Pool
-from proxy.db.session import Params, Session, reason
+from proxy.db.session import Params, Session, Values, reason
 from proxy.db.statement import Statement, Statements
 from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable, QueryRejected
 from proxy.registry import LatencyWindow
@@ -22,8 +23,17 @@ logger = logging.getLogger("proxy.db")
 Row = dict[str, object]
 
 
+def _names(description: Any) -> list[str]:
+    """The column names of a psycopg2 description (None: a statement with no rows)."""
+    return [col.name for col in description] if description else []
+
+
 class _StaleConnection(Exception):
     """A pooled connection turned out dead (server restarted); the caller may retry once."""
+
+
+# What a query can raise that _failure maps to ours (psycopg2.Warning is not raised here).
+_DRIVER_ERRORS: Final = (psycopg2.Error, TimeoutError, KeyError, IndexError, TypeError, ValueError)
 
 
 def _check_params(params: Mapping[str, object]) -> Params:
@@ -61,10 +71,19 @@ class Database:
         self, query: str, params: Mapping[str, object], *, label: str
     ) -> Row | None:
         """The first row as {column: value}, or None; parameters are never formatted in."""
-        names, row = await self._run(
+        description, row = await self._run(
             query, _check_params(params), label=label, stmt=self._statements.statement(query)
         )
-        return None if row is None else dict(zip(names, row, strict=True))
+        return None if row is None else dict(zip(_names(description), row, strict=True))
+
+    async def fetch_value(
+        self, query: str, params: Mapping[str, object], *, label: str
+    ) -> object | None:
+        """The first column of the first row, or None (no row); no column names are read."""
+        _, row = await self._run(
+            query, _check_params(params), label=label, stmt=self._statements.statement(query)
+        )
+        return None if row is None else row[0]
 
     async def columns(self, query: str, params: Mapping[str, object]) -> list[str]:
         """The column names `query` returns, planned but not run (LIMIT 0 around it).
@@ -75,8 +94,8 @@ class Database:
         body = query.rstrip().rstrip(";")  # one trailing `;` is common in YAML queries
         # newlines: a trailing `-- comment` in the query must not swallow the wrapper
         wrapped = f"SELECT * FROM (\n{body}\n) AS q LIMIT 0"
-        names, _ = await self._run(wrapped, dict.fromkeys(params), label="columns")
-        return names
+        description, _ = await self._run(wrapped, dict.fromkeys(params), label="columns")
+        return _names(description)
 
     async def probe(self) -> None:
         """SELECT 1 within acquire_timeout, or DatabaseUnavailable."""
@@ -108,20 +127,41 @@ class Database:
 
     async def _run(
         self, query: str, params: Params, *, label: str, stmt: Statement | None = None
-    ) -> tuple[list[str], tuple[object, ...] | None]:
-        """Acquire, execute, release; retry once on a dead pooled connection, same budget."""
+    ) -> tuple[Any, Values | None]:
+        """Acquire, execute, release; retry once on a dead pooled connection, same budget.
+
+        The usual case, a statement prepared on a free connection, runs in this one
+        coroutine: each level of coroutines costs a call and a resume per query.
+        """
         started = time.monotonic()
         pool = self._pool
+        statements = self._statements
         for attempt in (1, 2):
-            conn = pool.take_free()  # the usual case: no coroutine, no timer
+            now = started if attempt == 1 else time.monotonic()
+            conn = pool.take_free(label, now)  # the usual case: no coroutine, no timer
             if conn is not None:
                 reused = True
             else:
                 conn, reused = await pool.acquire(started)
-            pool.lease(conn, label)
+                pool.lease(conn, label)
+                now = time.monotonic()
+            self._queries += 1
             broken = False
             try:
-                return await self._execute(conn, query, params, stmt)
+                try:
+                    if stmt is not None and statements.enabled and stmt.name in conn.prepared:
+                        try:
+                            return await conn.roundtrip(stmt.execute, params)
+                        except psycopg2.Error as exc:
+                            if not statements.stale(conn, exc):
+                                raise
+                            await statements.deallocate(conn, stmt)
+                        return await conn.roundtrip(query, params)  # as text, this once
+                    return await self._prepare_or_text(conn, query, params, stmt)
+                except _DRIVER_ERRORS as exc:
+                    raise self._failure(exc, conn) from None
+                finally:
+                    self._query_ms.add(time.monotonic() - now)
             except _StaleConnection as exc:
                 broken = True
                 # The free connections date from the same server run as the dead one: drop
@@ -136,53 +176,41 @@ class Database:
                 pool.release(conn, broken=broken)
         raise AssertionError("unreachable")
 
-    async def _execute(
+    async def _prepare_or_text(
         self, conn: Session, query: str, params: Params, stmt: Statement | None
-    ) -> tuple[list[str], tuple[object, ...] | None]:
-        started = time.monotonic()
-        self._queries += 1
+    ) -> tuple[Any, Values | None]:
+        """A query not prepared on `conn`: PREPARE it first once its turn came, else as text."""
         statements = self._statements
-        try:
-            refused = False  # PREPARE refused the query itself
-            if stmt is not None and statements.enabled:
-                if stmt.name in conn.prepared:
-                    try:
-                        return await conn.roundtrip(stmt.execute, params)
-                    except psycopg2.Error as exc:
-                        if not statements.stale(conn, exc):
-                            raise
-                        await statements.deallocate(conn, stmt)  # then run it as text, below
-                else:
-                    refused = not await statements.prepare(conn, stmt)
-                    if not refused:
-                        return await conn.roundtrip(stmt.execute, params)
-            result = await conn.roundtrip(query, params)
-            if refused and stmt is not None:  # the text worked where PREPARE did not
-                stmt.usable = False
-                logger.info("database.unprepared", extra={"statement": stmt.name})
-            return result
-        except psycopg2.extensions.QueryCanceledError:
+        if stmt is None or not statements.enabled:
+            return await conn.roundtrip(query, params)
+        if await statements.prepare(conn, stmt):
+            return await conn.roundtrip(stmt.execute, params)
+        result = await conn.roundtrip(query, params)
+        stmt.usable = False  # the text worked where PREPARE did not
+        logger.info("database.unprepared", extra={"statement": stmt.name})
+        return result
+
+    def _failure(self, exc: Exception, conn: Session) -> Exception:
+        """Ours for a driver error (or our own timeout) of a query on `conn`, counted."""
+        if isinstance(exc, psycopg2.extensions.QueryCanceledError):
             # The server's statement_timeout (pitfalls P9); the session stays usable. Our
             # own poll sees psycopg2's error itself, not aiopg's CancelledError (P8).
             self._timeouts += 1
-            raise DatabaseTimeout("query cancelled at statement_timeout") from None
-        except TimeoutError:
+            return DatabaseTimeout("query cancelled at statement_timeout")
+        if isinstance(exc, TimeoutError):
             self._timeouts += 1  # no answer even after the server-side timeout
-            raise DatabaseTimeout("no answer from the database") from None
-        except psycopg2.DataError as exc:  # SQLSTATE 22: a value the query cannot take
-            raise BadRequest(f"invalid query parameter: {reason(exc)}") from None
-        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            return DatabaseTimeout("no answer from the database")
+        if isinstance(exc, psycopg2.DataError):  # SQLSTATE 22: a value the query cannot take
+            return BadRequest(f"invalid query parameter: {reason(exc)}")
+        if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
             self._errors += 1
             if conn.closed:
-                raise _StaleConnection(reason(exc)) from None
-            raise DatabaseUnavailable(f"database error: {reason(exc)}") from None
-        except psycopg2.Error as exc:
+                return _StaleConnection(reason(exc))
+            return DatabaseUnavailable(f"database error: {reason(exc)}")
+        if isinstance(exc, psycopg2.Error):
             self._errors += 1
-            raise QueryRejected(f"query rejected ({exc.pgcode}): {reason(exc)}") from None
-        except (KeyError, IndexError, TypeError) as exc:  # placeholders vs. params
+            return QueryRejected(f"query rejected ({exc.pgcode}): {reason(exc)}")
+        if isinstance(exc, (KeyError, IndexError, TypeError)):  # placeholders vs. params
             self._errors += 1
-            raise QueryRejected(f"query parameters do not match: {exc!r}") from None
-        except ValueError as exc:  # psycopg2 cannot adapt a value
-            raise BadRequest(f"invalid query parameter: {exc}") from None
-        finally:
-            self._query_ms.add(time.monotonic() - started)
+            return QueryRejected(f"query parameters do not match: {exc!r}")
+        return BadRequest(f"invalid query parameter: {exc}")  # ValueError: cannot adapt it

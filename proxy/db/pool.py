@@ -24,10 +24,11 @@ from proxy.errors import DatabaseUnavailable
 from proxy.registry import LatencyWindow
 
 logger = logging.getLogger("proxy.db")
+_IDLE: Final = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 # The server cancels a query at statement_timeout; one still unanswered this much later
 # (frozen server, lost network) is abandoned, and its connection closed. One watchdog
-# checks every WATCH_S while queries run, instead of a timer per query.
+# checks every WATCH_S while any session is leased, instead of a timer per query.
 CLIENT_GRACE_S: Final = 0.5
 WATCH_S: Final = 0.1
 # close(): in-flight queries get this long before their connections are closed under them.
@@ -116,12 +117,22 @@ class Pool:
             for conn in list(self._leased):
                 self._discard(conn)
 
-    def take_free(self) -> Session | None:
-        """A live free connection at once, or None: no coroutine, no timer."""
-        conn = self._pop_free()
-        if conn is not None:
+    def take_free(self, label: str, now: float) -> Session | None:
+        """A live free connection at once, leased to `label` since `now`, or None: no
+        coroutine, no timer. The usual case under load, so _pop_free and lease inline."""
+        free = self._free
+        while free and not self._closing:
+            conn = free.pop()
+            if conn.raw.closed:  # aiopg notices when the server ends a session
+                self._discard(conn)
+                continue
+            conn.label, conn.since = label, now
+            self._leased.add(conn)
+            if self._watchdog is None:
+                self._watchdog = conn.loop.call_later(WATCH_S, self._watch)
             self._acquire_ms.add(0.0)
-        return conn
+            return conn
+        return None
 
     async def acquire(self, since: float) -> tuple[Session, bool]:
         """A connection within the request's acquire budget (counted from `since`)."""
@@ -144,23 +155,28 @@ class Pool:
         """Count `conn` as held by `label` from now on (figures, leaks, the watchdog)."""
         conn.label, conn.since = label, time.monotonic()
         self._leased.add(conn)
+        if self._watchdog is None:
+            self._watchdog = conn.loop.call_later(WATCH_S, self._watch)
 
     def release(self, conn: Session, *, broken: bool = False) -> None:
         """To the first waiter or the free list if reusable, else closed; synchronous, so
         safe on cancel."""
         self._leased.discard(conn)
+        raw = conn.raw
         if (
-            conn.closed
-            or broken
+            broken
+            or raw.closed
             or self._closing
             # autocommit: only a query that opened a transaction leaves it unfinished;
             # closing rolls it back (aiopg would warn and close it too)
-            or conn.aio.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            or raw.get_transaction_status() != _IDLE
         ):
             self._discard(conn)
             self._wake_one()  # a slot is free: a waiter may connect
-        else:
+        elif self._waiters:
             self._hand_over(conn)
+        else:
+            self._free.append(conn)
         if self._drained is not None and not self._leased:
             self._drained.set()
 
@@ -171,22 +187,15 @@ class Pool:
 
     # ------------------------------------------------------------------ internals
 
-    def _watch_soon(self, conn: Session) -> None:
-        """A query started waiting on `conn`: make sure the watchdog runs."""
-        if self._watchdog is None:
-            self._watchdog = conn.loop.call_later(WATCH_S, self._watch)
-
     def _watch(self) -> None:
-        """Abandon queries unanswered past their guard; look again while any runs."""
+        """Abandon queries unanswered past their guard; look again while any session is
+        leased (armed by the lease, not by each query: one call less per query)."""
         self._watchdog = None
         now = time.monotonic()
-        running = False
         for conn in self._leased:
-            if (waiter := conn.waiter) is not None and not waiter.done():
-                running = True
-                if now > conn.expires:
-                    waiter.set_exception(TimeoutError())
-        if running:
+            if (waiter := conn.waiter) is not None and not waiter.done() and now > conn.expires:
+                waiter.set_exception(TimeoutError())
+        if self._leased:
             self._watchdog = asyncio.get_running_loop().call_later(WATCH_S, self._watch)
 
     def _pop_free(self) -> Session | None:
@@ -249,12 +258,7 @@ class Pool:
                 except BaseException:
                     conn.abandon()
                     raise
-                return Session(
-                    conn,
-                    asyncio.get_running_loop(),
-                    guard_s=self._query_guard_s,
-                    watch=self._watch_soon,
-                )
+                return Session(conn, asyncio.get_running_loop(), guard_s=self._query_guard_s)
         except (TimeoutError, psycopg2.Error, OSError, RuntimeError) as exc:
             self.errors += 1
             self._wake_one()  # the slot is free again: a waiter may try (and fail fast)

@@ -7,7 +7,6 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any, Final
 
 import aiopg
@@ -15,6 +14,7 @@ import aiopg
 from proxy import turns
 
 Params = dict[str, object]
+Values = tuple[object, ...]  # one row as psycopg2 returns it
 
 # A query this short is sent whole by psycopg2's execute: the session is idle, so its
 # socket's send buffer is empty (the reply to its last query acknowledged every byte) and
@@ -91,8 +91,8 @@ class Session:
     """One pooled session: aiopg's connection (Connection), a cursor used for every query,
     the statements prepared on it, and the label of whoever holds it now.
 
-    `guard_s` bounds each query on the client side; `watch` is called with the session
-    when a query starts waiting, so the pool's watchdog looks at `expires`.
+    `guard_s` bounds each query on the client side: the pool's watchdog, which runs while
+    any session is leased, abandons a query still waiting past `expires`.
     """
 
     __slots__ = (
@@ -103,26 +103,19 @@ class Session:
         "label",
         "loop",
         "prepared",
+        "raw",
         "sends_whole",
         "since",
         "waiter",
-        "watch",
     )
 
-    def __init__(
-        self,
-        aio: Connection,
-        loop: asyncio.AbstractEventLoop,
-        *,
-        guard_s: float,
-        watch: Callable[[Session], None],
-    ) -> None:
+    def __init__(self, aio: Connection, loop: asyncio.AbstractEventLoop, *, guard_s: float) -> None:
         self.aio = aio
+        self.raw: Any = aio.raw  # psycopg2's connection: `closed` without aiopg's property
         self.loop = loop
         self.guard_s = guard_s
-        self.watch = watch
-        self.cursor: Any = aio.raw.cursor()
-        self.sends_whole = not aio.raw.info.ssl_in_use  # see SENT_WHOLE_BYTES
+        self.cursor: Any = self.raw.cursor()
+        self.sends_whole = not self.raw.info.ssl_in_use  # see SENT_WHOLE_BYTES
         self.prepared: set[str] = set()
         self.label = ""
         self.since = 0.0
@@ -131,12 +124,11 @@ class Session:
 
     @property
     def closed(self) -> bool:
-        return bool(self.aio.closed)
+        return bool(self.raw.closed)  # 1 closed by us, 2 lost
 
-    async def roundtrip(
-        self, sql: str, params: Params | None
-    ) -> tuple[list[str], tuple[object, ...] | None]:
-        """Send one statement and wait for its first row, with no aiopg cursor in between.
+    async def roundtrip(self, sql: str, params: Params | None) -> tuple[Any, Values | None]:
+        """Send one statement and wait for it: its description (None if it returns no rows)
+        and its first row, with no aiopg cursor in between.
 
         aiopg's Cursor.execute costs a cursor, a context manager and a wait_for (another
         future, a timer, a callback hop) per query, and its _poll turns the server's
@@ -145,7 +137,9 @@ class Session:
         1.4 is pinned (constraints.txt) and unmaintained, so these private names hold still.
         """
         aio = self.aio
-        waiter = aio._create_waiter("execute")  # raises if busy: a pooled conn never is
+        if aio._waiter is not None:  # aiopg's _create_waiter, less a call: never for a pooled one
+            raise RuntimeError("a query is already waiting on this session")
+        aio._waiter = waiter = self.loop.create_future()
         cursor = self.cursor
         try:
             cursor.execute(sql, params)
@@ -155,7 +149,6 @@ class Session:
         if not (self.sends_whole and len(cursor.query) <= SENT_WHOLE_BYTES):
             aio._ready(aio._weakref)  # flush the rest; later results arrive via the reader
         self.waiter, self.expires = waiter, time.monotonic() + self.guard_s
-        self.watch(self)
         turns.awaited += 1  # bodies go out in slices meanwhile (proxy.turns)
         try:
             await waiter
@@ -169,8 +162,8 @@ class Session:
             self.waiter = aio._waiter = None
         description = cursor.description
         if not description:
-            return [], None
-        return [col.name for col in description], cursor.fetchone()
+            return None, None
+        return description, cursor.fetchone()
 
 
 def reason(exc: BaseException) -> str:

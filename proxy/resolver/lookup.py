@@ -47,6 +47,10 @@ class Querier(Protocol):
         self, query: str, params: Mapping[str, object], *, label: str
     ) -> dict[str, object] | None: ...
 
+    async def fetch_value(
+        self, query: str, params: Mapping[str, object], *, label: str
+    ) -> object | None: ...
+
     async def columns(self, query: str, params: Mapping[str, object]) -> list[str]: ...
 
 
@@ -139,13 +143,14 @@ class LookupResolver:
             query = self._query
             assert query is not None
         try:
-            found = await self._db.fetch_one(
+            # row_query's one column: the row's text array, or NULL (no row)
+            values = await self._db.fetch_value(
                 query, {"id": media_id, "variant": variant}, label=self.route.prefix
             )
         except QueryRejected:
             self._query = None  # e.g. a column dropped from the table: ask again next time
             raise
-        return None if found is None else self._row(found["media_row"])
+        return None if values is None else self._row(values)
 
     def _row(self, values: Any) -> MediaRow:
         """Validate a row (row_query's text array): a known storage, a confined key."""

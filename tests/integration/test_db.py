@@ -20,6 +20,7 @@ import uvloop
 from proxy import turns
 from proxy.config import DatabaseConfig
 from proxy.db import PREPARE_THRESHOLD, Database, QueryRejected
+from proxy.db.pool import WATCH_S
 from proxy.errors import BadRequest, DatabaseTimeout, DatabaseUnavailable
 from tests.pg import PgServer
 
@@ -351,6 +352,44 @@ async def test_frozen_server_is_bounded(make_db: MakeDb, pg_server: PgServer) ->
     finally:
         pg_server.thaw()
     assert await db.fetch_one("SELECT 1 AS one", {}, label="/m/") == {"one": 1}
+    at_rest(db)
+
+
+async def test_watchdog_guards_every_round_trip_of_a_lease(
+    make_db: MakeDb, pg_server: PgServer
+) -> None:
+    """The watchdog is armed by the lease and ticks while any session is leased, queries
+    waiting or not: a round trip that starts after idle ticks on one lease (EXECUTE right
+    after PREPARE) is still abandoned past its guard. At rest it stops."""
+    db, _ = await make_db(pool_min=1, statement_timeout=0.3)
+    pool = db._pool
+    conn = pool.take_free("/m/", time.monotonic())
+    assert conn is not None
+    broken = False
+    try:
+        await asyncio.sleep(WATCH_S * 3)  # ticks with no query waiting
+        pg_server.freeze()
+        started = time.monotonic()
+        async with asyncio.timeout(5):  # a hang fails here, not the whole run
+            with pytest.raises(TimeoutError):
+                await conn.roundtrip("SELECT 1", None)
+        assert time.monotonic() - started <= 0.3 + 0.5 + WATCH_S + MARGIN_S
+        broken = True
+    finally:
+        pg_server.thaw()
+        pool.release(conn, broken=broken)
+    await asyncio.sleep(WATCH_S * 3)
+    assert pool._watchdog is None, "idle: no timer left ticking"
+    assert await db.fetch_value("SELECT 41 + 1", {}, label="/m/") == 42
+    at_rest(db)
+
+
+async def test_fetch_value_is_the_first_column_of_the_first_row(make_db: MakeDb) -> None:
+    db, _ = await make_db()
+    assert await db.fetch_value(LOOKUP, {"id": "m-pic"}, label="/m/") == "uploads"
+    assert await db.fetch_value(LOOKUP, {"id": "no-such-id"}, label="/m/") is None
+    assert await db.fetch_value("SELECT NULL::text, 1", {}, label="/m/") is None
+    assert db.figures()["queries"] == 3
     at_rest(db)
 
 

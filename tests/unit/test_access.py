@@ -29,6 +29,11 @@ class AllowQuery:
         self.calls.append(params)
         return {"ok": 1} if (params["user"], params["id"]) in self.allowed else None
 
+    async def fetch_value(
+        self, query: str, params: Mapping[str, object], *, label: str
+    ) -> object | None:
+        raise AssertionError("access control reads rows, not values")
+
     async def columns(self, query: str, params: Mapping[str, object]) -> list[str]:
         return []
 
