@@ -129,7 +129,7 @@ class Pool:
             conn.label, conn.since = label, now
             self._leased.add(conn)
             if self._watchdog is None:
-                self._watchdog = conn.loop.call_later(WATCH_S, self._watch)
+                self._arm_watchdog(conn.loop)
             self._acquire_ms.add(0.0)
             return conn
         return None
@@ -156,7 +156,7 @@ class Pool:
         conn.label, conn.since = label, time.monotonic()
         self._leased.add(conn)
         if self._watchdog is None:
-            self._watchdog = conn.loop.call_later(WATCH_S, self._watch)
+            self._arm_watchdog(conn.loop)
 
     def release(self, conn: Session, *, broken: bool = False) -> None:
         """To the first waiter or the free list if reusable, else closed; synchronous, so
@@ -196,7 +196,10 @@ class Pool:
             if (waiter := conn.waiter) is not None and not waiter.done() and now > conn.expires:
                 waiter.set_exception(TimeoutError())
         if self._leased:
-            self._watchdog = asyncio.get_running_loop().call_later(WATCH_S, self._watch)
+            self._arm_watchdog(asyncio.get_running_loop())
+
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = loop.call_later(WATCH_S, self._watch)
 
     def _pop_free(self) -> Session | None:
         """A live free connection, if any (the warmest first: LIFO)."""
